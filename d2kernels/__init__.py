@@ -1,0 +1,32 @@
+"""d2kernels: fused kernels for training DFlash / D2SD (variable-prefix) drafters.
+
+Public API (see SPEC.md): ``layout`` helpers, ``varprefix_attention``, ``noise_embedding``,
+``decayed_cross_entropy``. Imports neither ``transformers`` nor ``d2sd``.
+"""
+from . import layout
+from .attention import varprefix_attention
+from .cross_entropy import decayed_cross_entropy
+from .embedding import noise_embedding
+from .layout import (
+    decay_weights,
+    draft_positions,
+    draft_targets,
+    draft_token_ids,
+    sample_anchors,
+    sample_prefix_lengths,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "layout",
+    "varprefix_attention",
+    "noise_embedding",
+    "decayed_cross_entropy",
+    "sample_anchors",
+    "sample_prefix_lengths",
+    "draft_token_ids",
+    "draft_positions",
+    "draft_targets",
+    "decay_weights",
+]

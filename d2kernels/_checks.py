@@ -1,0 +1,64 @@
+"""Input validation shared by every op: one place for the error messages."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_block_size(block_size) -> int:
+    B = int(block_size)
+    if B < 1 or B != block_size:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size}")
+    return B
+
+
+def check_int_tensor(name: str, t: torch.Tensor, dim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dims, got shape {tuple(t.shape)}")
+
+
+def check_float_tensor(name: str, t: torch.Tensor, dim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32/float16/bfloat16/float64, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dims, got shape {tuple(t.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device: {listing}")
+    return first
+
+
+def check_range(name: str, t: torch.Tensor, low: int, high: int, where: torch.Tensor | None = None) -> None:
+    """Raise if any (selected) value is outside ``[low, high)`` (one device sync)."""
+    if t.numel() == 0:
+        return
+    bad = (t < low) | (t >= high)
+    if where is not None:
+        bad = bad & where
+    if bool(bad.any()):
+        vals = t[bad]
+        raise ValueError(
+            f"{name} out of range [{low}, {high}): {int(bad.sum())} bad value(s), "
+            f"e.g. {vals[:4].tolist()}"
+        )
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in ("auto", "triton", "torch", "cuda"):
+        raise ValueError(f"backend must be 'auto', 'triton', 'torch' or 'cuda', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend

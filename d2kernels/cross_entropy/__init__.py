@@ -1,0 +1,157 @@
+"""``decayed_cross_entropy``: lm_head fused with the decayed, masked cross-entropy.
+
+Tiers: ``triton.py`` (kernels + launchers) -> custom ops ``d2kernels::decayed_ce_fwd`` / ``_bwd``
+with fake impls and autograd -> ``decayed_cross_entropy``. ``naive.py`` is the reference.
+The fast paths never allocate the ``[T, V]`` logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .._checks import check_float_tensor, check_int_tensor, check_range, check_same_device, resolve_backend
+from .._ops import fast_impl
+from ..layout import decay_weights
+from .naive import decayed_cross_entropy_naive
+
+__all__ = ["decayed_cross_entropy", "decayed_cross_entropy_naive", "CEOptions"]
+
+
+@dataclass(frozen=True)
+class CEOptions:
+    """Scalar options of the fused CE (one object so backward stays short)."""
+
+    softcap: float = 0.0  # 0 = no softcap
+    return_correct: bool = False
+
+
+@torch.library.custom_op("d2kernels::decayed_ce_fwd", mutates_args=())
+def _ce_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    token_weights: torch.Tensor,
+    softcap: float,
+    return_correct: bool,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ``num`` (0-dim f32), ``den`` (0-dim f32), ``lse [T]`` f32, ``correct [T]`` bool (empty if not asked)."""
+    return fast_impl(impl, "cross_entropy").decayed_ce_fwd(
+        hidden, weight, labels, token_weights, CEOptions(softcap, return_correct)
+    )
+
+
+@_ce_fwd.register_fake
+def _(hidden, weight, labels, token_weights, softcap, return_correct, impl):
+    T = hidden.shape[0]
+    f32 = torch.float32
+    return (
+        hidden.new_empty((), dtype=f32),
+        hidden.new_empty((), dtype=f32),
+        hidden.new_empty((T,), dtype=f32),
+        hidden.new_empty((T if return_correct else 0,), dtype=torch.bool),
+    )
+
+
+@torch.library.custom_op("d2kernels::decayed_ce_bwd", mutates_args=())
+def _ce_bwd(
+    grad_num: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    token_weights: torch.Tensor,
+    lse: torch.Tensor,
+    softcap: float,
+    need_dhidden: bool,
+    need_dweight: bool,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> ``dhidden [T, H]`` (hidden's dtype) and ``dweight [V, H]`` (weight's dtype); empty when not needed."""
+    return fast_impl(impl, "cross_entropy").decayed_ce_bwd(
+        grad_num, hidden, weight, labels, token_weights, lse, CEOptions(softcap), need_dhidden, need_dweight
+    )
+
+
+@_ce_bwd.register_fake
+def _(grad_num, hidden, weight, labels, token_weights, lse, softcap, need_dhidden, need_dweight, impl):
+    dh = torch.empty_like(hidden) if need_dhidden else hidden.new_empty((0,))
+    dw = torch.empty_like(weight) if need_dweight else weight.new_empty((0,))
+    return dh, dw
+
+
+def _ce_setup(ctx, inputs, output):
+    hidden, weight, labels, token_weights, softcap, return_correct, impl = inputs
+    ctx.save_for_backward(hidden, weight, labels, token_weights, output[2])
+    ctx.opts = (softcap, impl)
+
+
+def _ce_backward(ctx, grad_num, grad_den, grad_lse, grad_correct):
+    hidden, weight, labels, token_weights, lse = ctx.saved_tensors
+    softcap, impl = ctx.opts
+    need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dh = dw = None
+    if need_dh or need_dw:
+        dh_, dw_ = _ce_bwd(grad_num.float(), hidden, weight, labels, token_weights, lse, softcap, need_dh, need_dw, impl)
+        dh = dh_ if need_dh else None
+        dw = dw_ if need_dw else None
+    return dh, dw, None, None, None, None, None
+
+
+torch.library.register_autograd("d2kernels::decayed_ce_fwd", _ce_backward, setup_context=_ce_setup)
+
+
+def decayed_cross_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    eval_mask: torch.Tensor,
+    decay_offsets: torch.Tensor,
+    *,
+    gamma: Optional[float],
+    softcap: Optional[float] = None,
+    return_correct: bool = False,
+    backend: str = "auto",
+):
+    """Decayed masked cross-entropy fused with the lm_head: ``Σ w·CE(hidden @ W^T, label)`` and ``Σ w``.
+
+    Args:
+        hidden: ``[..., H]`` final (normed) hidden states.
+        lm_head_weight: ``[V, H]``; gets a gradient only when it requires one.
+        labels, eval_mask, decay_offsets: ``[...]`` (the leading shape of hidden).
+        gamma: decay ``w = eval * exp(-offset / gamma)``; None or <= 0 = no decay.
+        softcap: optional Gemma-style ``c * tanh(logits / c)``.
+        return_correct: also return per-token ``correct [...]`` bool (argmax == label, False where
+            unsupervised), computed in the same pass.
+    Returns:
+        ``(num, den)`` or ``(num, den, correct)``; ``num`` is differentiable; the loss is
+        ``num / (den + 1e-6)`` (with ``den`` all-reduced under data parallelism). Labels of
+        supervised tokens must lie in ``[0, V)``; unsupervised tokens are never read and cost nothing.
+    """
+    check_float_tensor("hidden", hidden)
+    check_float_tensor("lm_head_weight", lm_head_weight, dim=2)
+    check_int_tensor("labels", labels)
+    check_same_device(hidden=hidden, lm_head_weight=lm_head_weight, labels=labels, eval_mask=eval_mask, decay_offsets=decay_offsets)
+    lead = hidden.shape[:-1]
+    H = hidden.shape[-1]
+    V = lm_head_weight.shape[0]
+    if lm_head_weight.shape[1] != H:
+        raise ValueError(f"lm_head_weight must be [V, H={H}], got {tuple(lm_head_weight.shape)}")
+    for name, t in (("labels", labels), ("eval_mask", eval_mask), ("decay_offsets", decay_offsets)):
+        if t.shape != lead:
+            raise ValueError(f"{name} must have hidden's leading shape {tuple(lead)}, got {tuple(t.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    w = decay_weights(eval_mask, decay_offsets, gamma).reshape(-1)
+    lab = labels.reshape(-1)
+    check_range("labels", lab, 0, V, where=w > 0)
+    h2 = hidden.reshape(-1, H)
+    impl = resolve_backend(backend, hidden.device)
+    if impl == "torch":
+        num, den, correct = decayed_cross_entropy_naive(h2, lm_head_weight, lab, w, softcap)
+    else:
+        num, den, _, correct = _ce_fwd(h2, lm_head_weight, lab, w, float(softcap or 0.0), bool(return_correct), impl)
+    if return_correct:
+        return num, den, correct.reshape(lead)
+    return num, den
