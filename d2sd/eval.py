@@ -1,0 +1,431 @@
+"""``python -m d2sd.eval``: greedy speculative decoding with DFlash and D2SD drafters, acceptance length.
+
+With no arguments it runs the embedded demo: the shipped tiny Qwen3 target, the built-in prompts,
+and a DFlash and a VP drafter trained on the same short budget with ``d2sd.train`` (cached under
+``runs/eval-drafters/`` and reused by later runs). Real runs name everything::
+
+    python -m d2sd.eval --target Qwen/Qwen3-8B --dflash runs/dflash/drafter --vp runs/vp/drafter \\
+        --data mtbench.jsonl --data gsm8k.jsonl --k 4 --max-new-tokens 256 --report report.json
+
+Every method's output is checked token for token against plain greedy decoding of the target
+(``lossless``). Metrics per dataset and method: acceptance length (tokens committed per target
+forward, bonus token included), per-position acceptance, drafter and target time per step, and
+end-to-end tokens/s against plain decoding. Printed as a table, written as JSON (``--report``) and
+drawn as a plot (``--plot``, when matplotlib is importable). See ``d2sd/specdec.py`` for the
+algorithms and the cost model.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .specdec import METHODS, DecodeResult, SlotDrafter, TargetVerifier, check_drafters, decode
+
+__all__ = ["main", "build_parser", "summarize", "load_prompt_file", "encode_prompt", "evaluate"]
+
+SCHEMA_VERSION = 1
+DEFAULT_DRAFTER_CACHE = Path("runs") / "eval-drafters"
+
+
+class UsageError(Exception):
+    """Bad input found before decoding: printed without a traceback."""
+
+
+def log(msg: str) -> None:
+    print(f"[d2sd.eval] {msg}", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m d2sd.eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("models")
+    g.add_argument("--target", help="target model dir or hub id (default: the shipped tiny Qwen3)")
+    g.add_argument("--dflash", help="DFlash drafter dir (config.json + model.safetensors); "
+                   "default with the tiny target: train or reuse one under --drafter-cache")
+    g.add_argument("--vp", help="VP (D2, variable-prefix) drafter dir; same default as --dflash")
+    g.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "float64"), default="auto",
+                   help="target and drafter dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--data", action="append", metavar="FILE",
+                   help="prompts JSONL, one dataset per file (repeatable); a line is {'prompt': str}, "
+                   "{'messages': [...]} or {'conversations': [...]} (a trailing assistant turn is dropped). "
+                   "Default: the built-in prompts")
+    g.add_argument("--num-prompts", type=int, default=None, help="use at most this many prompts per dataset")
+    g.add_argument("--k", type=int, default=4, help="D2SD branches: top-K prefix lengths by r(i) (1 <= K < block size)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (stops early at EOS)")
+    g.add_argument("--methods", default="dflash,d2sd",
+                   help="comma-separated speculative methods to run (plain greedy always runs: it is the reference)")
+    g.add_argument("--no-kv-cache", dest="kv_cache", action="store_false",
+                   help="recompute the target's whole prefix every forward instead of keeping its KV cache")
+    g.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false",
+                   help="always generate --max-new-tokens tokens")
+    g = p.add_argument_group("output")
+    g.add_argument("--report", default=str(Path("runs") / "eval" / "report.json"), help="JSON report path")
+    g.add_argument("--plot", default=None, help="plot path (default: next to the report, .png)")
+    g = p.add_argument_group("embedded drafters (used when --dflash / --vp are not given)")
+    g.add_argument("--drafter-cache", default=str(DEFAULT_DRAFTER_CACHE), help="where trained drafters are kept and reused")
+    g.add_argument("--train-steps", type=int, default=300, help="training steps of each drafter (same budget for both)")
+    g.add_argument("--block-size", type=int, default=7, help="block size of the trained drafters")
+    g.add_argument("--retrain", action="store_true", help="train the drafters again even if cached")
+    g.add_argument("--seed", type=int, default=0, help="training seed of the embedded drafters")
+    return p
+
+
+# ---------------------------------------------------------------------------------------- prompts
+
+
+def encode_prompt(tokenizer, item: Any) -> list[int]:
+    """A prompt (str, or a record with 'prompt' / 'messages' / 'conversations') -> token ids via the chat template."""
+    if isinstance(item, str):
+        messages = [{"role": "user", "content": item}]
+    elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
+        messages = [{"role": "user", "content": item["prompt"]}]
+    elif isinstance(item, dict) and isinstance(item.get("messages") or item.get("conversations"), list):
+        turns = item.get("messages") or item.get("conversations")
+        messages = [{"role": t.get("role", t.get("from")), "content": t.get("content", t.get("value"))} for t in turns]
+        messages = [{"role": {"human": "user", "gpt": "assistant"}.get(m["role"], m["role"]), "content": m["content"]}
+                    for m in messages]
+        if messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise ValueError("a prompt record has no turn before the assistant's answer")
+    else:
+        raise ValueError(f"a prompt must be a string or have 'prompt', 'messages' or 'conversations', got {str(item)[:80]!r}")
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+    text = "\n".join(m["content"] for m in messages)
+    return [int(t) for t in tokenizer(text)["input_ids"]]
+
+
+def load_prompt_file(path: str) -> list[Any]:
+    """Records of a prompts JSONL file; malformed lines raise ``UsageError`` naming file and line."""
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+    if not items:
+        raise UsageError(f"{path}: no prompts")
+    return items
+
+
+def _builtin_prompts() -> list[Any]:
+    from .data import builtin_prompts
+
+    return list(builtin_prompts())
+
+
+def load_datasets(args, tokenizer) -> dict[str, list[list[int]]]:
+    sources = {Path(p).stem: (lambda p=p: load_prompt_file(p)) for p in (args.data or [])}
+    if not sources:
+        sources = {"builtin": _builtin_prompts}
+    datasets = {}
+    for name, get in sources.items():
+        items = get()[: args.num_prompts] if args.num_prompts else get()
+        prompts = []
+        for i, item in enumerate(items):
+            try:
+                prompts.append(encode_prompt(tokenizer, item))
+            except ValueError as e:
+                raise UsageError(f"dataset {name!r}, prompt {i + 1}: {e}") from None
+        datasets[name] = prompts
+    return datasets
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _load_target(path: str, device: torch.device, dtype: torch.dtype):
+    from .target import load_target
+
+    model, tokenizer = load_target(path, device, dtype)
+    return model.eval(), tokenizer
+
+
+def _load_drafter(path: str, target, device: torch.device, dtype: torch.dtype):
+    from .models import load_drafter
+
+    if not (Path(path) / "config.json").is_file():
+        raise UsageError(f"drafter {path}: no config.json there (expected a dir written by save_pretrained)")
+    return load_drafter(path, target=target).to(device=device, dtype=dtype).eval()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        h.update(str(int(f.stat().st_mtime)).encode())
+    return h.hexdigest()[:12]
+
+
+def _latest_drafter_dir(run_dir: Path) -> Path:
+    found = sorted(run_dir.rglob("config.json"), key=lambda p: p.stat().st_mtime)
+    found = [p.parent for p in found if (p.parent / "model.safetensors").is_file()]
+    if not found:
+        raise RuntimeError(f"training wrote no drafter (config.json + model.safetensors) under {run_dir}")
+    return found[-1]
+
+
+def embedded_drafters(args, target_path: str) -> tuple[str, str]:
+    """Paths of a DFlash and a VP drafter for the tiny target: reused from the cache or trained now.
+
+    Both train with ``d2sd.train`` on the same budget (``--train-steps``) and block size; only
+    the D2 feature differs. The cache key covers the target files and every training knob.
+    """
+    from . import train
+
+    key = hashlib.sha256(json.dumps(
+        [_file_digest(Path(target_path)), args.train_steps, args.block_size, args.seed]).encode()).hexdigest()[:10]
+    root = Path(args.drafter_cache) / f"tiny-b{args.block_size}-s{args.train_steps}-{key}"
+    paths = {}
+    for name, d2 in (("dflash", False), ("vp", True)):
+        done = root / name / "DONE"
+        if done.is_file() and not args.retrain:
+            paths[name] = done.read_text().strip()
+            log(f"reusing the {name} drafter {paths[name]}")
+            continue
+        out = root / name / "run"
+        argv = ["--target", target_path, "--out", str(out), "--max-steps", str(args.train_steps),
+                "--block-size", str(args.block_size), "--seed", str(args.seed),
+                "--save-every", str(args.train_steps), "--d2" if d2 else "--no-d2"]
+        if args.device:
+            argv += ["--device", str(args.device)]
+        log(f"training the {name} drafter ({args.train_steps} steps): python -m d2sd.train {' '.join(argv)}")
+        if train.main(argv) != 0:
+            raise UsageError(f"training the embedded {name} drafter failed (see the messages above)")
+        paths[name] = str(_latest_drafter_dir(out))
+        done.write_text(paths[name] + "\n")
+    return paths["dflash"], paths["vp"]
+
+
+# ---------------------------------------------------------------------------------------- metrics
+
+
+def summarize(results: Sequence[DecodeResult], greedy: Optional[Sequence[DecodeResult]] = None) -> dict:
+    """Aggregate decode results of one method (over prompts) into the report's metrics dict."""
+    steps = [s for r in results for s in r.steps]
+    n_steps = max(len(steps), 1)
+    committed = sum(s.accepted + 1 for s in steps)
+    width = max((s.drafted for s in steps), default=0)
+    new_tokens = sum(len(r.tokens) for r in results)
+    seconds = sum(r.total_s for r in results)
+    out = {
+        "prompts": len(results),
+        "new_tokens": new_tokens,
+        "target_forwards": len(steps),
+        "acceptance_length": committed / n_steps,
+        "per_position_acceptance": [sum(s.accepted >= j for s in steps) / n_steps for j in range(1, width + 1)],
+        "accepted_histogram": [sum(s.accepted == a for s in steps) for a in range(width + 1)],
+        "draft_ms_per_step": 1e3 * sum(s.draft_s for s in steps) / n_steps,
+        "target_ms_per_step": 1e3 * sum(s.target_s for s in steps) / n_steps,
+        "prefill_ms": 1e3 * sum(r.prefill_s for r in results) / max(len(results), 1),
+        "rows_per_step": sum(s.rows for s in steps) / n_steps,
+        "seconds": seconds,
+        "tokens_per_s": new_tokens / seconds if seconds > 0 else 0.0,
+    }
+    branch = [s for s in steps if s.winner >= 0]
+    out["branch_win_rate"] = len(branch) / n_steps
+    out["branch_win_by_prefix"] = {str(i): sum(s.winner == i for s in branch) for i in sorted({s.winner for s in branch})}
+    if greedy is not None:
+        bad = [i for i, (r, g) in enumerate(zip(results, greedy)) if r.tokens != g.tokens]
+        out["lossless"] = not bad
+        out["mismatched_prompts"] = bad
+        g_new = sum(len(g.tokens) for g in greedy)
+        g_s = sum(g.total_s for g in greedy)
+        g_tps = g_new / g_s if g_s > 0 else 0.0
+        out["speedup_vs_greedy"] = out["tokens_per_s"] / g_tps if g_tps > 0 else 0.0
+    return out
+
+
+def _table(report: dict) -> str:
+    cols = ("dataset", "method", "accept_len", "tok/s", "speedup", "draft ms", "target ms", "rows", "lossless")
+    lines = []
+    for ds, entry in [*report["datasets"].items(), ("ALL", report)]:
+        for m, r in entry["methods"].items():
+            lines.append((ds, m, f"{r['acceptance_length']:.3f}", f"{r['tokens_per_s']:.1f}",
+                          f"{r.get('speedup_vs_greedy', 1.0):.2f}x", f"{r['draft_ms_per_step']:.2f}",
+                          f"{r['target_ms_per_step']:.2f}", f"{r['rows_per_step']:.2f}", str(r.get("lossless", True))))
+    widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*cols), fmt.format(*("-" * w for w in widths)), *(fmt.format(*l) for l in lines)])
+
+
+def _plot(report: dict, path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for m, r in report["methods"].items():
+        if m == "greedy":
+            continue
+        acc = r["per_position_acceptance"]
+        ax1.plot(range(1, len(acc) + 1), acc, marker="o", label=f"{m} (τ={r['acceptance_length']:.2f})")
+    ax1.set_xlabel("draft position")
+    ax1.set_ylabel("P(accepted ≥ position)")
+    ax1.set_ylim(0, 1.05)
+    ax1.set_title("per-position acceptance (all datasets)")
+    ax1.legend()
+    names = list(report["datasets"])
+    methods = [m for m in report["methods"] if m != "greedy"]
+    w = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+        vals = [report["datasets"][d]["methods"][m]["acceptance_length"] for d in names]
+        ax2.bar([i + j * w for i in range(len(names))], vals, width=w, label=m)
+    ax2.set_xticks([i + w * (len(methods) - 1) / 2 for i in range(len(names))], names)
+    ax2.set_ylabel("acceptance length (tokens / target forward)")
+    ax2.set_title(f"K={report['config']['k']}")
+    ax2.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+
+def evaluate(
+    target,
+    datasets: dict[str, list[list[int]]],
+    *,
+    dflash=None,
+    vp=None,
+    methods: Sequence[str] = ("dflash", "d2sd"),
+    k: int = 4,
+    max_new_tokens: int = 64,
+    eos_token_ids: Sequence[int] = (),
+    kv_cache: bool = True,
+    warmup: bool = True,
+) -> dict:
+    """Decode every dataset with plain greedy and each method; return the report dict (without 'config')."""
+    check_drafters(target.config, dflash, vp, k if "d2sd" in methods else None)
+    layers = sorted({int(l) for d in (dflash, vp) if d is not None for l in d.config.target_layer_ids})
+    d_dflash = SlotDrafter(dflash, layers) if dflash is not None else None
+    d_vp = SlotDrafter(vp, layers) if vp is not None else None
+    methods = ["greedy", *[m for m in methods if m != "greedy"]]
+    kw = dict(dflash=d_dflash, vp=d_vp, k=k, eos_token_ids=eos_token_ids)
+
+    def run(method, prompt, n):
+        # plain decoding does not need the hidden states: do not make it pay for them
+        ver = TargetVerifier(target, [] if method == "greedy" else layers, use_cache=kv_cache)
+        return decode(ver, prompt, method=method, max_new_tokens=n, **kw)
+
+    if warmup:  # first calls pay for lazy initialization; keep them out of the timings
+        first = next((p for ps in datasets.values() for p in ps), None)
+        for m in methods if first is not None else ():
+            run(m, first, min(8, max_new_tokens))
+    per_ds, everything = {}, {m: [] for m in methods}
+    for name, prompts in datasets.items():
+        res = {m: [run(m, p, max_new_tokens) for p in prompts] for m in methods}
+        per_ds[name] = {"prompts": len(prompts),
+                        "methods": {m: summarize(res[m], res["greedy"]) for m in methods}}
+        for m in methods:
+            everything[m].extend(res[m])
+    overall = {m: summarize(everything[m], everything["greedy"]) for m in methods}
+    report = {"schema_version": SCHEMA_VERSION, "methods": overall, "datasets": per_ds,
+              "lossless": all(r["lossless"] for r in overall.values())}
+    if "dflash" in overall and "d2sd" in overall and overall["dflash"]["acceptance_length"] > 0:
+        report["d2sd_over_dflash"] = overall["d2sd"]["acceptance_length"] / overall["dflash"]["acceptance_length"]
+    return report
+
+
+def _eos_ids(target, tokenizer) -> list[int]:
+    ids = set()
+    for src in (getattr(target, "generation_config", None), getattr(target, "config", None), tokenizer):
+        v = getattr(src, "eos_token_id", None)
+        if v is None:
+            continue
+        ids.update([int(v)] if isinstance(v, int) else [int(x) for x in v])
+    return sorted(ids)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise UsageError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+        if args.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = _dtype(args.dtype, device)
+        target_path = args.target
+        if target_path is None:
+            from .assets import tiny_target_path
+
+            target_path = str(tiny_target_path())
+        if (args.dflash is None or args.vp is None) and args.target is not None:
+            raise UsageError("with --target, pass both --dflash and --vp (drafters are only trained for the tiny target)")
+        dflash_path, vp_path = args.dflash, args.vp
+        if dflash_path is None or vp_path is None:
+            dflash_path, vp_path = embedded_drafters(args, target_path)
+        log(f"target {target_path} on {device} ({dtype})")
+        target, tokenizer = _load_target(target_path, device, dtype)
+        need_dflash = any(m in ("dflash", "d2sd") for m in methods)
+        dflash = _load_drafter(dflash_path, target, device, dtype) if need_dflash else None
+        vp = _load_drafter(vp_path, target, device, dtype) if "d2sd" in methods else None
+        datasets = load_datasets(args, tokenizer)
+        eos = _eos_ids(target, tokenizer) if args.stop_at_eos else []
+        t0 = time.perf_counter()
+        report = evaluate(target, datasets, dflash=dflash, vp=vp, methods=methods, k=args.k,
+                          max_new_tokens=args.max_new_tokens, eos_token_ids=eos, kv_cache=args.kv_cache)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"python -m d2sd.eval: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    ref = dflash if dflash is not None else vp
+    report["config"] = {
+        "target": target_path, "dflash": dflash_path if dflash is not None else None,
+        "vp": vp_path if vp is not None else None, "k": args.k, "max_new_tokens": args.max_new_tokens,
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "kv_cache": args.kv_cache,
+        "block_size": int(ref.config.block_size) if ref is not None else None,
+        "dflash_labels": getattr(dflash.config, "dflash_labels", None) if dflash is not None else None,
+        "eos_token_ids": eos, "datasets": {n: len(p) for n, p in datasets.items()},
+        "seconds": time.perf_counter() - t0,
+    }
+    print(_table(report))
+    if "d2sd_over_dflash" in report:
+        log(f"D2SD / DFlash acceptance length: {report['d2sd_over_dflash']:.3f}x (K={args.k})")
+    log(f"lossless (every method == plain greedy, token for token): {report['lossless']}")
+    out = Path(args.report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"report: {out}")
+    plot = _plot(report, Path(args.plot) if args.plot else out.with_suffix(".png"))
+    log(f"plot:   {plot}" if plot else "plot:   not drawn (matplotlib is not installed: pip install matplotlib)")
+    return 0 if report["lossless"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
