@@ -1,0 +1,245 @@
+"""Speculative decoding (d2sd.specdec) and ``python -m d2sd.eval``: lossless, r(i) ranking, errors, report.
+
+The protocol tests use *scripted* drafters that know the target's greedy continuation: they
+check every block the decoder builds (anchor, visible prefix, masks), the context features it
+passes (against the target's own hidden states), and that perfect drafts are accepted in full
+under both slot conventions. The end-to-end tests use real (untrained) drafters on the shipped
+tiny target: losslessness does not depend on drafter quality.
+"""
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from d2sd.specdec import (
+    SlotDrafter,
+    TargetVerifier,
+    check_drafters,
+    decode,
+    label_offset,
+    rank_prefix_lengths,
+    rejection_scores,
+)
+
+V, H, N_LAYERS, MASK = 97, 48, 3, 96
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models: intra-op threads only add contention on the 2-core CI box (about 10x slower).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def rand_target():
+    """A random 3-layer Qwen3 in float64 (float64: no near-tie argmax flips between batched and single rows)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=V, hidden_size=H, intermediate_size=96, num_hidden_layers=N_LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=512)
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(cfg).eval().to(torch.float64)
+
+
+@pytest.fixture(scope="module")
+def rand_prompt():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, MASK, (11,), generator=g).tolist()
+
+
+@pytest.fixture(scope="module")
+def rand_greedy(rand_target, rand_prompt):
+    """Plain greedy continuation (40 tokens) and the float64 features of every position."""
+    res = decode(TargetVerifier(rand_target), rand_prompt, method="greedy", max_new_tokens=40)
+    seq = rand_prompt + res.tokens
+    with torch.no_grad():
+        hs = rand_target(torch.tensor([seq]), output_hidden_states=True).hidden_states
+    return seq, hs
+
+
+class ScriptedDrafter(torch.nn.Module):
+    """Predicts the target's greedy continuation ``seq``; wrong (and unsure) beyond ``good(anchor)`` drafted tokens.
+
+    Asserts what the decoder feeds it: context = target features of positions ``< anchor`` at
+    ``layer_ids``, slot 0 = the anchor token, visible slots = the true tokens, then masks.
+    """
+
+    def __init__(self, seq, hs, block_size, layer_ids, *, d2=False, labels="same", good=None, first=None):
+        super().__init__()
+        self.seq, self.hs, self.good, self.first = seq, hs, good, first
+        self.config = SimpleNamespace(
+            block_size=block_size, mask_token_id=MASK, target_layer_ids=list(layer_ids),
+            enable_d2_feature=d2, dflash_labels=labels, target_hidden_size=H, vocab_size=V)
+        self.offset = label_offset(self.config)
+        self.w = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))  # carries device/dtype
+        self.calls = []
+
+    def draft_logits(self, target_hidden, anchors, block_ids):
+        Bt, K, B = block_ids.shape
+        a = int(anchors[0, 0])
+        assert (anchors == a).all(), "blocks of one step share the anchor"
+        assert target_hidden.shape[1] == a, "context = positions before the anchor"
+        ref = torch.cat([self.hs[l + 1][0, :a] for l in self.config.target_layer_ids], dim=-1)
+        torch.testing.assert_close(target_hidden[0], ref, rtol=1e-9, atol=1e-9)
+        out = torch.zeros(Bt, K, B, V)
+        for k in range(K):
+            ids = block_ids[0, k].tolist()
+            vis = next((i for i, t in enumerate(ids) if t == MASK), B)
+            assert ids[0] == self.seq[a], "slot 0 holds the anchor token"
+            # VP blocks show the first drafter's tokens d_1..d_i; DFlash blocks the anchor only
+            assert ids[1:vis] == (self.first.drafted(a)[: vis - 1] if self.first else [])
+            assert all(t == MASK for t in ids[vis:]), "after the visible prefix: masks only"
+            self.calls.append(vis)
+            for s in range(B):
+                m = s + self.offset  # slot s predicts position a + m
+                if m >= 1:
+                    out[0, k, s, self.drafted(a)[m - 1]] = 12.0 if self._right(a, m) else 1.0
+        return out
+
+    def _right(self, a, m):
+        return self.good is None or m <= self.good(a)
+
+    def drafted(self, a):
+        """Tokens this drafter proposes at positions a+1, a+2, ... (wrong by +1 past ``good(a)``)."""
+        true = [self.seq[p] if p < len(self.seq) else 0 for p in range(a + 1, a + self.config.block_size + 1)]
+        return [t if self._right(a, m) else (t + 1) % MASK for m, t in enumerate(true, 1)]
+
+
+# ------------------------------------------------------------------------------------ r(i)
+
+
+def test_rejection_scores_hand_made():
+    conf = [0.9, 0.5, 0.8, 0.2]
+    r = rejection_scores(conf, 3)
+    expect = [0.1, 0.9 * 0.5, 0.9 * 0.5 * 0.2, 0.9 * 0.5 * 0.8 * 0.8]
+    assert r == pytest.approx(expect, rel=1e-12)
+    assert rank_prefix_lengths(conf, 2, 3) == [1, 3]
+    assert rank_prefix_lengths(conf, 4, 3) == [1, 3, 0, 2]
+    assert rank_prefix_lengths(conf, 9, 2) == [1, 0, 2], "max_prefix caps the candidates"
+
+
+def test_rank_prefix_lengths_ties_and_extremes():
+    assert rank_prefix_lengths([0.5, 0.0, 0.3], 2, 2) == [0, 1], "r(0) = r(1) = 0.5: shorter first"
+    # confident up to an unsure last token: the most likely rejection is at the end
+    assert rank_prefix_lengths([0.99] * 5 + [0.3], 1, 5) == [5]
+    # uniformly confident: r(i) = c**i (1 - c) decreases, so the shortest prefix ranks first
+    assert rank_prefix_lengths([0.99] * 6, 6, 5) == [0, 1, 2, 3, 4, 5]
+    # an unsure first token: branch right after the anchor
+    assert rank_prefix_lengths([0.05, 0.99, 0.99], 1, 2) == [0]
+    with pytest.raises(ValueError, match="needs 4 confidences"):
+        rejection_scores([0.5, 0.5, 0.5], 3)
+
+
+# ------------------------------------------------------------------------------------ protocol
+
+
+@pytest.mark.parametrize("labels", ["same", "shifted"])
+@pytest.mark.parametrize("kv_cache", [True, False], ids=["kv", "recompute"])
+def test_perfect_dflash_draft_is_accepted_in_full(rand_target, rand_prompt, rand_greedy, labels, kv_cache):
+    seq, hs = rand_greedy
+    B, layers = 5, [0, 2]
+    d = ScriptedDrafter(seq, hs, B, layers, labels=labels)
+    ver = TargetVerifier(rand_target, layers, use_cache=kv_cache)
+    res = decode(ver, rand_prompt, method="dflash", max_new_tokens=40, dflash=SlotDrafter(d, layers))
+    assert res.tokens == seq[len(rand_prompt):]
+    drafted = B - 1 + (labels == "shifted")
+    assert [s.accepted for s in res.steps[:-1]] == [drafted] * (len(res.steps) - 1)
+    assert set(d.calls) == {1}, "DFlash blocks show the anchor only"
+
+
+@pytest.mark.parametrize("d2_labels", ["d2", "same", "shifted"])
+def test_d2sd_branches_rescue_a_partly_wrong_draft(rand_target, rand_prompt, rand_greedy, d2_labels):
+    """DFlash is right for ``a % 3`` tokens; the scripted VP drafter is always right, so the branch
+    at the rejection boundary wins and every step commits a full block."""
+    seq, hs = rand_greedy
+    B, K = 6, 2
+    good = lambda a: a % 3  # noqa: E731
+    kw = dict(d2=True) if d2_labels == "d2" else dict(labels=d2_labels)
+    first = ScriptedDrafter(seq, hs, B, [0, 2], good=good, **kw)
+    vp = ScriptedDrafter(seq, hs, B, [1], d2=True, first=first)
+    layers = [0, 1, 2]
+    dfl, vpd = SlotDrafter(first, layers), SlotDrafter(vp, layers)
+    res = decode(TargetVerifier(rand_target, layers), rand_prompt, method="d2sd", max_new_tokens=40,
+                 dflash=dfl, vp=vpd, k=K)
+    assert res.tokens == seq[len(rand_prompt):]
+    base = decode(TargetVerifier(rand_target, layers), rand_prompt, method="dflash", max_new_tokens=40, dflash=dfl)
+    assert base.tokens == res.tokens
+    for s in res.steps[:-1]:
+        assert s.accepted == B - 1 and s.winner >= 0 and s.rows <= K + 1
+    assert all(s.accepted <= 2 for s in base.steps)
+    assert set(vp.calls) <= set(range(1, B)), "VP blocks show the anchor plus i < B-1 drafted tokens"
+
+
+def test_greedy_matches_full_forward_argmax(rand_target, rand_prompt, rand_greedy):
+    seq, _ = rand_greedy
+    with torch.no_grad():
+        ref = rand_target(torch.tensor([seq])).logits[0].argmax(-1)
+    assert seq[len(rand_prompt):] == ref[len(rand_prompt) - 1:-1].tolist()
+
+
+def test_eos_and_max_new_tokens_truncate(rand_target, rand_prompt, rand_greedy):
+    seq, hs = rand_greedy
+    gen = seq[len(rand_prompt):]
+    eos = gen[13]
+    stop = gen.index(eos) + 1
+    layers = [0, 2]
+    d = SlotDrafter(ScriptedDrafter(seq, hs, 5, layers, labels="shifted"), layers)
+    for method in ("greedy", "dflash"):
+        res = decode(TargetVerifier(rand_target, layers), rand_prompt, method=method, max_new_tokens=40,
+                     dflash=d, eos_token_ids=[eos])
+        assert res.tokens == gen[:stop]
+        res = decode(TargetVerifier(rand_target, layers), rand_prompt, method=method, max_new_tokens=7, dflash=d)
+        assert res.tokens == gen[:7]
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def _cfg(**kw):
+    base = dict(block_size=7, mask_token_id=MASK, target_layer_ids=[0, 2], enable_d2_feature=False,
+                dflash_labels="shifted", target_hidden_size=H, vocab_size=V)
+    return SimpleNamespace(config=SimpleNamespace(**{**base, **kw}))
+
+
+@pytest.mark.parametrize(
+    "dflash_kw, vp_kw, k, match",
+    [
+        (dict(target_hidden_size=64), {}, 4, "hidden size 64.*hidden_size 48"),
+        ({}, dict(vocab_size=151936), 4, "vocab_size 151936.*vocab_size 97"),
+        (dict(mask_token_id=97), {}, 4, "mask_token_id 97 is not a token id"),
+        (dict(mask_token_id=-1), {}, 4, "mask_token_id -1"),
+        ({}, dict(block_size=5), 4, "block_size 7 but the VP drafter has block_size 5"),
+        (dict(target_layer_ids=[0, 3]), {}, 4, r"layers -1..2.*bad: \[3\]"),
+        (dict(dflash_labels="left"), {}, 4, "dflash_labels='left'"),
+        ({}, {}, 7, "--k must be < block size 7"),
+        ({}, {}, 0, "--k must be >= 1"),
+        (dict(block_size=1), dict(block_size=1), None, "block_size must be >= 2"),
+    ],
+    ids=["hidden", "vocab", "mask-high", "mask-neg", "block", "layers", "labels", "k-big", "k-zero", "block-1"],
+)
+def test_mismatch_errors(rand_target, dflash_kw, vp_kw, k, match):
+    with pytest.raises(ValueError, match=match):
+        check_drafters(rand_target.config, _cfg(**dflash_kw), _cfg(enable_d2_feature=True, **vp_kw), k)
+
+
+def test_fitting_drafters_pass(rand_target):
+    check_drafters(rand_target.config, _cfg(), _cfg(enable_d2_feature=True), 6)
+
+
+def test_decode_rejects_missing_drafters(rand_target, rand_prompt):
+    with pytest.raises(ValueError, match="needs a VP drafter"):
+        decode(TargetVerifier(rand_target), rand_prompt, method="d2sd", max_new_tokens=4, dflash=object())
+    with pytest.raises(ValueError, match="method must be one of"):
+        decode(TargetVerifier(rand_target), rand_prompt, method="beam", max_new_tokens=4)
