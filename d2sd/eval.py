@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Default: the built-in prompts")
     g.add_argument("--num-prompts", type=int, default=None, help="use at most this many prompts per dataset")
     g.add_argument("--k", type=int, default=4, help="D2SD branches: top-K prefix lengths by r(i) (1 <= K < block size)")
+    g.add_argument("--distinct-branches", action="store_true",
+                   help="D2SD: a branch at prefix i may not repeat the first draft's token i+1 (default: plain argmax)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (stops early at EOS)")
     g.add_argument("--methods", default="dflash,d2sd",
                    help="comma-separated speculative methods to run (plain greedy always runs: it is the reference)")
@@ -327,6 +329,7 @@ def evaluate(
     eos_token_ids: Sequence[int] = (),
     kv_cache: bool = True,
     warmup: bool = True,
+    distinct_branches: bool = False,
 ) -> dict:
     """Decode every dataset with plain greedy and each method; return the report dict (without 'config')."""
     check_drafters(target.config, dflash, vp, k if "d2sd" in methods else None)
@@ -334,7 +337,7 @@ def evaluate(
     d_dflash = SlotDrafter(dflash, layers) if dflash is not None else None
     d_vp = SlotDrafter(vp, layers) if vp is not None else None
     methods = ["greedy", *[m for m in methods if m != "greedy"]]
-    kw = dict(dflash=d_dflash, vp=d_vp, k=k, eos_token_ids=eos_token_ids)
+    kw = dict(dflash=d_dflash, vp=d_vp, k=k, eos_token_ids=eos_token_ids, distinct_branches=distinct_branches)
 
     def run(method, prompt, n):
         # plain decoding does not need the hidden states: do not make it pay for them
@@ -400,7 +403,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         eos = _eos_ids(target, tokenizer) if args.stop_at_eos else []
         t0 = time.perf_counter()
         report = evaluate(target, datasets, dflash=dflash, vp=vp, methods=methods, k=args.k,
-                          max_new_tokens=args.max_new_tokens, eos_token_ids=eos, kv_cache=args.kv_cache)
+                          max_new_tokens=args.max_new_tokens, eos_token_ids=eos, kv_cache=args.kv_cache,
+                          distinct_branches=args.distinct_branches)
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"python -m d2sd.eval: error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -409,6 +413,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "target": target_path, "dflash": dflash_path if dflash is not None else None,
         "vp": vp_path if vp is not None else None, "k": args.k, "max_new_tokens": args.max_new_tokens,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "kv_cache": args.kv_cache,
+        "distinct_branches": args.distinct_branches,
         "block_size": int(ref.config.block_size) if ref is not None else None,
         "dflash_labels": getattr(dflash.config, "dflash_labels", None) if dflash is not None else None,
         "eos_token_ids": eos, "datasets": {n: len(p) for n, p in datasets.items()},

@@ -302,9 +302,16 @@ def _dflash_draft(d: SlotDrafter, feats, a: int, anchor_tok: int) -> tuple[list[
     return tok.tolist(), conf.tolist()
 
 
-def _vp_branches(vp: SlotDrafter, feats, a: int, anchor_tok: int, draft: list[int], prefixes: list[int]) -> list[list[int]]:
+def _vp_branches(
+    vp: SlotDrafter, feats, a: int, anchor_tok: int, draft: list[int], prefixes: list[int], distinct: bool
+) -> list[list[int]]:
     blocks = torch.tensor([vp.block(anchor_tok, draft[:i]) for i in prefixes])  # [K, B]
-    tok = vp.logits(feats, a, blocks).argmax(dim=-1).tolist()  # [K, B]
+    logits = vp.logits(feats, a, blocks)  # [K, B, V]
+    if distinct:
+        # branch i exists for the case "d_{i+1} is rejected": never propose d_{i+1} again there
+        for r, i in enumerate(prefixes):
+            logits[r, i + 1 - vp.offset, draft[i]] = float("-inf")
+    tok = logits.argmax(dim=-1).tolist()  # [K, B]
     # branch i: d_1..d_i, then the VP's tokens at positions a+i+1 .. a+B-1+offset
     return [draft[:i] + tok[r][i + 1 - vp.offset :] for r, i in enumerate(prefixes)]
 
@@ -319,8 +326,13 @@ def decode(
     vp: Optional[SlotDrafter] = None,
     k: int = 4,
     eos_token_ids: Sequence[int] = (),
+    distinct_branches: bool = False,
 ) -> DecodeResult:
-    """Greedy-decode ``prompt`` with ``method`` in ``METHODS``; the tokens equal plain greedy decoding."""
+    """Greedy-decode ``prompt`` with ``method`` in ``METHODS``; the tokens equal plain greedy decoding.
+
+    ``distinct_branches`` (D2SD): a branch at prefix ``i`` may not repeat the first draft's token
+    ``d_{i+1}`` at its first masked slot (it covers the case where ``d_{i+1}`` is rejected).
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method in ("dflash", "d2sd") and dflash is None:
@@ -351,7 +363,7 @@ def decode(
             if method == "d2sd":
                 max_prefix = min(vp.block_size - 2, len(conf) - 1)
                 prefixes = rank_prefix_lengths(conf, k, max_prefix)
-                for i, c in zip(prefixes, _vp_branches(vp, feats, a, anchor_tok, draft, prefixes)):
+                for i, c in zip(prefixes, _vp_branches(vp, feats, a, anchor_tok, draft, prefixes, distinct_branches)):
                     if c not in cands:  # an identical candidate cannot win: do not verify it twice
                         cands.append(c)
                         winners.append(i)

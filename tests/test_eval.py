@@ -106,6 +106,8 @@ class ScriptedDrafter(torch.nn.Module):
                 m = s + self.offset  # slot s predicts position a + m
                 if m >= 1:
                     out[0, k, s, self.drafted(a)[m - 1]] = 12.0 if self._right(a, m) else 1.0
+                if m >= 1 and not self._right(a, m) and a + m < len(self.seq):
+                    out[0, k, s, self.seq[a + m]] = 0.5  # the true token is the runner-up
         return out
 
     def _right(self, a, m):
@@ -180,6 +182,31 @@ def test_d2sd_branches_rescue_a_partly_wrong_draft(rand_target, rand_prompt, ran
         assert s.accepted == B - 1 and s.winner >= 0 and s.rows <= K + 1
     assert all(s.accepted <= 2 for s in base.steps)
     assert set(vp.calls) <= set(range(1, B)), "VP blocks show the anchor plus i < B-1 drafted tokens"
+
+
+@pytest.mark.parametrize("distinct", [False, True], ids=["argmax", "distinct"])
+def test_d2sd_duplicate_branches_and_distinct(rand_target, rand_prompt, rand_greedy, distinct):
+    """A VP drafter that copies the first draft yields only duplicates (verified once); with
+    ``distinct_branches`` every branch changes the token right after its prefix."""
+    seq, hs = rand_greedy
+    B, K, layers = 6, 3, [0, 2]
+    good = lambda a: a % 4  # noqa: E731
+    first = ScriptedDrafter(seq, hs, B, layers, good=good)
+    vp = ScriptedDrafter(seq, hs, B, layers, d2=True, good=good, first=first)
+    res = decode(TargetVerifier(rand_target, layers), rand_prompt, method="d2sd", max_new_tokens=30,
+                 dflash=SlotDrafter(first, layers), vp=SlotDrafter(vp, layers), k=K, distinct_branches=distinct)
+    assert res.tokens == seq[len(rand_prompt):len(rand_prompt) + 30]
+    a = len(rand_prompt)
+    for s in res.steps[:-1]:
+        # distinct: the top-ranked branch sits at the true boundary i = good(a) and, barred from
+        # repeating the wrong d_{i+1}, takes the runner-up (the true token) there
+        assert s.accepted == good(a) + distinct, (a, s)
+        a += s.accepted + 1
+    if distinct:
+        assert all(s.rows == K + 1 for s in res.steps)
+        assert all(s.winner == s.accepted - 1 for s in res.steps[:-1])
+    else:
+        assert all(s.rows == 1 and s.winner == -1 for s in res.steps)
 
 
 def test_greedy_matches_full_forward_argmax(rand_target, rand_prompt, rand_greedy):
