@@ -270,3 +270,78 @@ def test_decode_rejects_missing_drafters(rand_target, rand_prompt):
         decode(TargetVerifier(rand_target), rand_prompt, method="d2sd", max_new_tokens=4, dflash=object())
     with pytest.raises(ValueError, match="method must be one of"):
         decode(TargetVerifier(rand_target), rand_prompt, method="beam", max_new_tokens=4)
+
+
+# ------------------------------------------------------------------------------------ real drafters, report
+
+
+def _real_drafters(target_config, block_size, labels, layers, dtype=torch.float64, target=None):
+    from d2sd.models import build_drafter
+
+    kw = dict(num_draft_layers=1, block_size=block_size, target_layer_ids=layers, mask_token_id=MASK, backend="torch")
+    torch.manual_seed(3)
+    out = []
+    for d2 in (False, True):
+        d = build_drafter(target_config, enable_d2_feature=d2, dflash_labels=labels, **kw)
+        if target is not None:
+            d.init_from_target(target)
+        out.append(d.to(dtype).eval())
+    return out
+
+
+METRIC_KEYS = {
+    "prompts": int, "new_tokens": int, "target_forwards": int, "acceptance_length": float,
+    "per_position_acceptance": list, "accepted_histogram": list, "draft_ms_per_step": float,
+    "target_ms_per_step": float, "prefill_ms": float, "rows_per_step": float, "seconds": float,
+    "tokens_per_s": float, "branch_win_rate": float, "branch_win_by_prefix": dict, "lossless": bool,
+    "mismatched_prompts": list, "speedup_vs_greedy": float,
+}
+
+
+def check_report_schema(rep: dict, methods=("greedy", "dflash", "d2sd"), datasets=None) -> None:
+    assert set(rep["methods"]) == set(methods)
+    assert isinstance(rep["lossless"], bool)
+    for entry in [rep, *rep["datasets"].values()]:
+        for m, r in entry["methods"].items():
+            for key, typ in METRIC_KEYS.items():
+                assert isinstance(r[key], typ), (m, key, r[key])
+            acc = r["per_position_acceptance"]
+            assert all(0.0 <= x <= 1.0 for x in acc) and acc == sorted(acc, reverse=True)
+            assert sum(r["accepted_histogram"]) == r["target_forwards"]
+            assert r["acceptance_length"] == pytest.approx(1 + sum(acc))
+            assert 1.0 <= r["acceptance_length"] <= 1 + len(acc)
+    if datasets is not None:
+        assert list(rep["datasets"]) == list(datasets)
+    if "dflash" in rep["methods"] and "d2sd" in rep["methods"]:
+        ratio = rep["methods"]["d2sd"]["acceptance_length"] / rep["methods"]["dflash"]["acceptance_length"]
+        assert rep["d2sd_over_dflash"] == pytest.approx(ratio)
+    json.dumps(rep)  # plain JSON types only
+
+
+@pytest.mark.parametrize("labels", ["shifted", "same"])
+def test_evaluate_real_drafters_lossless_and_schema(rand_target, labels):
+    from d2sd.eval import evaluate
+
+    dflash, vp = _real_drafters(rand_target.config, 5, labels, [0, 2], target=rand_target)
+    g = torch.Generator().manual_seed(5)
+    datasets = {"odd": [torch.randint(0, MASK, (n,), generator=g).tolist() for n in (7, 12)],
+                "short": [torch.randint(0, MASK, (2,), generator=g).tolist()]}
+    rep = evaluate(rand_target, datasets, dflash=dflash, vp=vp, k=3, max_new_tokens=17, warmup=False)
+    check_report_schema(rep, datasets=datasets)
+    assert rep["lossless"] is True
+    for r in rep["methods"].values():
+        assert r["new_tokens"] == 17 * 3
+    assert rep["methods"]["greedy"]["acceptance_length"] == 1.0
+    assert rep["methods"]["d2sd"]["rows_per_step"] > 1.0
+
+
+def test_malformed_prompt_file_names_file_and_line(tmp_path):
+    from d2sd.eval import UsageError, load_prompt_file
+
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"prompt": "hi"}\n\n{"prompt": oops}\n')
+    with pytest.raises(UsageError, match=r"bad\.jsonl:3: malformed JSON"):
+        load_prompt_file(str(f))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UsageError, match="no prompts"):
+        load_prompt_file(str(tmp_path / "empty.jsonl"))
