@@ -16,7 +16,8 @@ last committed token as the *anchor* (position ``a = n - 1``, not yet run throug
    too, so every step commits ``accepted + 1`` tokens and the output is exactly greedy decoding.
 3. Keep. The KV cache keeps the winning row up to the committed tokens; the target's hidden
    states of the committed positions become drafter context (features at the drafter's
-   ``target_layer_ids``; id ``-1`` = embedding output, ``l >= 0`` = ``hidden_states[l + 1]``).
+   ``target_layer_ids``, captured with ``d2sd.target.LayerCapture`` exactly as in training:
+   id ``-1`` = embedding output, ``l >= 0`` = output of decoder layer ``l``).
 
 Slot conventions: a drafter predicts the token at ``anchor + k + offset`` in slot ``k``, with
 ``offset = 0`` for D2/VP drafters and ``dflash_labels='same'``, ``offset = 1`` for DeepSpec's
@@ -165,17 +166,22 @@ class TargetVerifier:
         self._cache = None
         self._prefix: list[int] = []
 
-    def _forward(self, ids: torch.Tensor, cache, want_hidden: bool):
-        kw = {"use_cache": cache is not None, "output_hidden_states": want_hidden}
+    def _forward(self, ids: torch.Tensor, cache, want_hidden: bool, last: int):
+        """Logits ``[R, T, V]`` and features ``[R, last, U, H]`` of the last ``last`` positions (or None)."""
+        kw = {"use_cache": cache is not None}
         if cache is not None:
             kw[self._cache_kw] = cache
-        return self.model(input_ids=ids, **kw)
+        if not (want_hidden and self.layer_ids):
+            return self.model(input_ids=ids, **kw).logits, None
+        from .target import LayerCapture
 
-    def _features(self, hidden_states, last: int) -> Optional[torch.Tensor]:
-        if not self.layer_ids:
-            return None
-        # [R, last, U, H]: layer id l lives at hidden_states[l + 1] (-1 = embedding output).
-        return torch.stack([hidden_states[l + 1][:, -last:] for l in self.layer_ids], dim=2)
+        # The same hooks as training's feature extraction: the last layer's output is taken
+        # before the final norm (HF's hidden_states[-1] is after it).
+        with LayerCapture(self.model, self.layer_ids) as cap:
+            logits = self.model(input_ids=ids, **kw).logits
+        R, T = ids.shape
+        feats = cap.features().view(R, T, len(self.layer_ids), -1)[:, -last:]
+        return logits, feats
 
     def _plain_cache(self, cache) -> bool:
         layers = getattr(cache, "layers", None)
@@ -192,13 +198,12 @@ class TargetVerifier:
             from transformers import DynamicCache
 
             cache = DynamicCache()
-        out = self._forward(ids, cache, want_hidden=bool(self.layer_ids))
+        logits, feats = self._forward(ids, cache, True, ids.shape[1])
         if cache is not None and not self._plain_cache(cache):
             cache = None  # not croppable by slicing: fall back to recomputation
         self._cache = cache
-        first = int(out.logits[0, -1].argmax())
+        first = int(logits[0, -1].argmax())
         self._prefix = [*map(int, prompt), first]
-        feats = self._features(out.hidden_states, ids.shape[1]) if self.layer_ids else None
         return first, (feats[0] if feats is not None else None)
 
     @property
@@ -216,14 +221,12 @@ class TargetVerifier:
             for layer in self._cache.layers:  # [1, Hkv, n-1, D] -> [R, Hkv, n-1, D], no copy
                 layer.keys = layer.keys.expand(R, -1, -1, -1)
                 layer.values = layer.values.expand(R, -1, -1, -1)
-            out = self._forward(rows, self._cache, want_hidden and bool(self.layer_ids))
+            logits, feats = self._forward(rows, self._cache, want_hidden, T)
         else:
             prefix = torch.tensor(self._prefix[:-1], dtype=torch.long, device=self.device)
             full = torch.cat([prefix.expand(R, -1), rows], dim=1)  # [R, n-1+T]
-            out = self._forward(full, None, want_hidden and bool(self.layer_ids))
-        greedy = out.logits[:, -T:].argmax(dim=-1)  # [R, T]
-        feats = self._features(out.hidden_states, T) if (want_hidden and self.layer_ids) else None
-        return greedy, feats
+            logits, feats = self._forward(full, None, want_hidden, T)
+        return logits[:, -T:].argmax(dim=-1), feats  # [R, T], [R, T, U, H]
 
     def keep(self, row: int, committed: Sequence[int]) -> None:
         """Keep verify row ``row``; ``committed`` = the tokens appended to the sequence (accepted + bonus)."""
