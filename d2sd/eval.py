@@ -13,6 +13,16 @@ forward, bonus token included), per-position acceptance, drafter and target time
 end-to-end tokens/s against plain decoding. Printed as a table, written as JSON (``--report``) and
 drawn as a plot (``--plot``, when matplotlib is importable). See ``d2sd/specdec.py`` for the
 algorithms and the cost model.
+
+Report JSON: ``{"schema_version", "methods": {method: metrics}, "datasets": {name: {"prompts",
+"methods": {method: metrics}}}, "lossless", "d2sd_over_dflash", "config"}``; ``method`` is
+``greedy`` (the reference), ``dflash``, ``d2sd``; ``metrics`` holds ``acceptance_length`` (tokens
+committed per verify forward, bonus included; the prefill's first token is not counted),
+``per_position_acceptance`` (``[j-1]`` = fraction of steps accepting >= j drafted tokens),
+``accepted_histogram``, ``draft_ms_per_step``, ``target_ms_per_step``, ``prefill_ms``,
+``rows_per_step`` (candidates verified per forward), ``tokens_per_s``, ``speedup_vs_greedy``,
+``branch_win_rate`` / ``branch_win_by_prefix`` (D2SD: steps a VP branch beat the first draft),
+``lossless`` and ``mismatched_prompts``.
 """
 from __future__ import annotations
 
@@ -275,7 +285,12 @@ def _table(report: dict) -> str:
                           f"{r['target_ms_per_step']:.2f}", f"{r['rows_per_step']:.2f}", str(r.get("lossless", True))))
     widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*cols), fmt.format(*("-" * w for w in widths)), *(fmt.format(*l) for l in lines)])
+    out = [fmt.format(*cols), fmt.format(*("-" * w for w in widths)), *(fmt.format(*l) for l in lines), ""]
+    out.append("per-position acceptance P(accepted >= j), all datasets:")
+    for m, r in report["methods"].items():
+        if m != "greedy":
+            out.append(f"  {m:<7} " + " ".join(f"{x:.2f}" for x in r["per_position_acceptance"]))
+    return "\n".join(out)
 
 
 def _plot(report: dict, path: Path) -> Optional[Path]:
@@ -292,6 +307,8 @@ def _plot(report: dict, path: Path) -> Optional[Path]:
             continue
         acc = r["per_position_acceptance"]
         ax1.plot(range(1, len(acc) + 1), acc, marker="o", label=f"{m} (τ={r['acceptance_length']:.2f})")
+    width = max((len(r["per_position_acceptance"]) for r in report["methods"].values()), default=0)
+    ax1.set_xticks(range(1, width + 1))
     ax1.set_xlabel("draft position")
     ax1.set_ylabel("P(accepted ≥ position)")
     ax1.set_ylim(0, 1.05)
