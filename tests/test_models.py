@@ -482,3 +482,22 @@ def test_triton_backend_matches_torch():
     assert rel_err(got.loss_num, ref.loss_num) < 1e-4
     for n in ref_g:
         assert rel_err(got_g[n], ref_g[n]) < 1e-4, n
+
+
+# ----------------------------------------------------------------------------- benchmark reference path
+
+@pytest.mark.parametrize("mode", ["d2", "shifted"])
+def test_benchmark_reference_path_matches_drafter(mode):
+    """The 'as users run it' path of the train-step benchmark computes the same loss and gradients."""
+    from d2sd.models.reference import ReferenceOps, reference_loss
+
+    d = make_drafter("qwen3", mode)
+    ids, th, lm, anchors, keep, prefix = make_batch(d)
+    ref, ref_g = loss_and_grads(d, (ids, th, lm, anchors, keep, prefix))
+    d.zero_grad(set_to_none=True)
+    num, den = reference_loss(d, ReferenceOps(attn_impl="dense", compile=False), ids, th, lm, anchors, keep, prefix)
+    num.backward()
+    assert rel_err(num, ref.loss_num) < 1e-5 and rel_err(den, ref.loss_den) < 1e-6
+    for n, p in d.named_parameters():
+        if p.requires_grad:
+            assert rel_err(p.grad, ref_g[n]) < 1e-4, n
