@@ -90,6 +90,8 @@ def _add_dataclass_options(group, cls, names: dict[str, str] | None = None) -> N
         f = defaults[name]
         t, optional = _field_type(cls, name)
         help_ = (names or {}).get(name) or f.metadata.get("help", name.replace("_", " "))
+        if f.default is not dataclasses.MISSING:
+            help_ += f" (default {f.default}; a preset may set it)"
         flag = "--" + name.replace("_", "-")
         origin = typing.get_origin(t) or t
         if t is bool:
@@ -110,7 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m d2sd.train",
         description=__doc__.split("\n\n")[0],
         argument_default=argparse.SUPPRESS,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("run")
     g.add_argument("--target", help="target model dir or hub id (default: the shipped tiny Qwen3)")
@@ -648,10 +649,20 @@ class Metrics:
 class StopFlag:
     """SIGTERM / SIGINT ask for a checkpoint at the end of the current step, then a clean exit."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
         self.hit = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.hit = True
@@ -663,41 +674,41 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
 
     t = run.train
     metrics = Metrics(run.out, info.is_main, start_step if run.resume_from else None)
-    stop = StopFlag()
     amp = info.device.type == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=t.max_steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True, file=sys.stderr)
     last = None
     step = start_step
     t0 = time.time()
-    while step < t.max_steps:
-        micros = [(i, collate([examples[k] for k in idx], pad_id, info.device)) for i, idx in batcher.next()]
-        ts = time.time()
-        s = forward_backward(model, micros, features, info, seed=t.seed, step=step, generator=gen, amp=amp)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        dt = time.time() - ts
-        acc_slot = (s.correct.double() / s.count.clamp_min(1).double()).tolist()
-        acc = float(s.correct.sum()) / max(1, int(s.count.sum()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{s.loss:.3f}", acc=f"{acc:.3f}", tok_s=f"{s.tokens / dt:.0f}")
-        if step % t.log_every == 0 or step == t.max_steps:
-            metrics.log({
-                "step": step, "loss": s.loss, "acc": acc, "acc_per_slot": acc_slot, "lr": lr,
-                "grad_norm": float(gnorm), "tokens_per_s": s.tokens / dt, "supervised_weight": s.den,
-                "time": time.time() - t0,
-            })
-        stopping = ddist.any_rank(stop.hit, info)
-        if stopping or step == t.max_steps or (t.save_every > 0 and step % t.save_every == 0):
-            last = save(run, step, model, optimizer, scheduler, batcher, gen, info, drafter)
-        if stopping:
-            bar.close()
-            log(f"stop signal: checkpoint saved at step {step}; resume with --resume {run.out}")
-            break
+    with StopFlag() as stop:
+        while step < t.max_steps:
+            micros = [(i, collate([examples[k] for k in idx], pad_id, info.device)) for i, idx in batcher.next()]
+            ts = time.time()
+            s = forward_backward(model, micros, features, info, seed=t.seed, step=step, generator=gen, amp=amp)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.time() - ts
+            acc_slot = (s.correct.double() / s.count.clamp_min(1).double()).tolist()
+            acc = float(s.correct.sum()) / max(1, int(s.count.sum()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{s.loss:.3f}", acc=f"{acc:.3f}", tok_s=f"{s.tokens / dt:.0f}")
+            if step % t.log_every == 0 or step == t.max_steps:
+                metrics.log({
+                    "step": step, "loss": s.loss, "acc": acc, "acc_per_slot": acc_slot, "lr": lr,
+                    "grad_norm": float(gnorm), "tokens_per_s": s.tokens / dt, "supervised_weight": s.den,
+                    "time": time.time() - t0,
+                })
+            stopping = ddist.any_rank(stop.hit, info)
+            if stopping or step == t.max_steps or (t.save_every > 0 and step % t.save_every == 0):
+                last = save(run, step, model, optimizer, scheduler, batcher, gen, info, drafter)
+            if stopping:
+                bar.close()
+                log(f"stop signal: checkpoint saved at step {step}; resume with --resume {run.out}")
+                break
     bar.close()
     plot = metrics.plot(run.out)
     metrics.close()
