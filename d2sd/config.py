@@ -155,25 +155,38 @@ class DrafterConfig:
 
 # ----------------------------------------------------------------------------- training
 # Owned by the trainer (d2sd/train.py); kept in its own section so both sides can edit.
+# Every field becomes a ``python -m d2sd.train`` option; the ``help`` metadata is its --help line.
 
 
 @dataclass
 class TrainConfig:
     """Optimization and bookkeeping knobs of ``python -m d2sd.train``."""
 
-    lr: float = 6e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.04
-    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
-    max_steps: int = 1000
-    global_batch_size: int = 16
-    micro_batch_size: int = 1
-    max_length: int = 4096
-    grad_clip: float = 1.0
-    seed: int = 0
-    save_every: int = 500
-    keep_last: int = 2
-    log_every: int = 10
+    lr: float = field(default=6e-4, metadata={"help": "peak AdamW learning rate"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "final lr as a fraction of --lr"})
+    warmup_ratio: float = field(default=0.04, metadata={"help": "fraction of max_steps spent in linear warmup"})
+    schedule: str = field(
+        default="cosine",
+        metadata={"help": "decay after warmup", "choices": ("cosine", "linear", "constant")},
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train"})
+    global_batch_size: int = field(
+        default=16, metadata={"help": "sequences per optimizer step, over all ranks (gradient accumulation fills it)"}
+    )
+    micro_batch_size: int = field(default=1, metadata={"help": "sequences per forward pass per rank"})
+    max_length: int = field(default=4096, metadata={"help": "truncate tokenized sequences to this many tokens"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (<= 0: off)"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, anchors, prefixes and init"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (<= 0: only at the end)"})
+    keep_last: int = field(default=2, metadata={"help": "keep the newest K checkpoints"})
+    log_every: int = field(default=10, metadata={"help": "log metrics every N steps"})
+    max_new_tokens: int = field(
+        default=64, metadata={"help": "response length when the target regenerates the built-in prompts"}
+    )
 
 
 # ----------------------------------------------------------------------------- presets

@@ -28,7 +28,9 @@ DFLASH_ARCH = "DFlashDraftModel"
 TARGET_PARTS = ("embed_tokens.weight", "lm_head.weight")
 # Fields a dflash config.json cannot express; kept under this key so a round trip is lossless.
 D2SD_EXTRA_KEY = "d2sd"
-D2SD_EXTRA_FIELDS = ("num_anchors", "enable_d2_feature", "d2_prefix_weight_base", "loss_decay_gamma", "dflash_labels")
+D2SD_EXTRA_FIELDS = (
+    "num_anchors", "enable_d2_feature", "d2_prefix_weight_base", "loss_decay_gamma", "dflash_labels", "backend",
+)
 
 
 def check_dflash_exportable(cfg: DrafterConfig) -> None:

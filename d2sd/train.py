@@ -1,0 +1,773 @@
+"""``python -m d2sd.train``: train a DFlash / D2SD variable-prefix drafter.
+
+With no arguments it runs the embedded demo: the shipped tiny Qwen3 target regenerates the
+responses of the built-in prompts, its hidden states are extracted online, and a VP drafter
+(preset ``tiny``, D2 on) trains on the CPU with the torch backend in about a minute.
+
+Real runs name a target and data::
+
+    python -m d2sd.train --target Qwen/Qwen3-8B --data chats.jsonl --preset qwen3-8b
+    torchrun --nproc_per_node 8 -m d2sd.train --target ... --data ... --preset qwen3-8b
+    python -m d2sd.train --resume runs/qwen3-8b-20260101-120000
+
+``main()`` is config -> data -> model -> loop; every knob has a ``--help`` line.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed as ddist
+from .config import TrainConfig, get_preset, PRESETS
+
+__all__ = ["main", "build_parser", "resolve_run", "Batcher", "forward_backward", "make_scheduler"]
+
+# Fields of DrafterConfig that are training knobs (build_drafter kwargs); the transformer dims
+# come from the target. enable_d2_feature / dflash_labels / backend have their own options.
+DRAFTER_KNOBS = {
+    "num_draft_layers": "number of drafter decoder layers",
+    "target_layer_ids": "target layers whose hidden states feed the drafter (-1 = embeddings)",
+    "block_size": "draft block size B (anchor + B-1 slots)",
+    "mask_token_id": "token id of [MASK] in the draft slots",
+    "num_anchors": "anchors (blocks) sampled per sequence",
+    "d2_prefix_weight_base": "D2 prefix-length law P(p) ~ base**p (base < 1 favours short prefixes)",
+    "loss_decay_gamma": "loss weight decay exp(-offset/gamma) along the block (<= 0: none)",
+}
+# Run options replayed on --resume (everything but where to resume from).
+NOT_REPLAYED = {"resume"}
+
+
+class UsageError(Exception):
+    """Bad input found before training starts: printed without a traceback, nothing is lost."""
+
+
+def log(msg: str) -> None:
+    print(f"[d2sd] {msg}", flush=True)
+
+
+# ============================================================================ config
+
+
+def _field_type(cls, name: str):
+    hints = typing.get_type_hints(cls)
+    t = hints[name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    optional = len(args) < len(typing.get_args(t))
+    if optional and len(args) == 1:
+        t = args[0]
+    return t, optional
+
+
+def _parse_optional(conv):
+    def parse(s: str):
+        return None if s.lower() in ("none", "null") else conv(s)
+
+    parse.__name__ = conv.__name__
+    return parse
+
+
+def _add_dataclass_options(group, cls, names: dict[str, str] | None = None) -> None:
+    """One ``--kebab-name`` option per field of ``cls`` (or per ``names``), typed from the annotation."""
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names or defaults:
+        f = defaults[name]
+        t, optional = _field_type(cls, name)
+        help_ = (names or {}).get(name) or f.metadata.get("help", name.replace("_", " "))
+        if f.default is not dataclasses.MISSING:
+            help_ += f" (default {f.default}; a preset may set it)"
+        flag = "--" + name.replace("_", "-")
+        origin = typing.get_origin(t) or t
+        if t is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_)
+        elif origin in (list, tuple):
+            group.add_argument(flag, dest=name, type=int, nargs="+", metavar="N", help=help_)
+        else:
+            conv = _parse_optional(t) if optional else t
+            group.add_argument(flag, dest=name, type=conv, choices=f.metadata.get("choices"), help=help_)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import DrafterConfig
+
+    # SUPPRESS: only options given on the command line appear, so presets and a resumed run's
+    # saved options can be layered under them.
+    p = argparse.ArgumentParser(
+        prog="python -m d2sd.train",
+        description=__doc__.split("\n\n")[0],
+        argument_default=argparse.SUPPRESS,
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--target", help="target model dir or hub id (default: the shipped tiny Qwen3)")
+    g.add_argument("--data", help="chat JSONL file ({'messages': [...]} per line)")
+    g.add_argument("--cache", help="DeepSpec-style offline target cache dir (written by python -m d2sd.cache)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="named hyperparameters (default: tiny)")
+    g.add_argument("--out", help="run dir (default: runs/<preset>-<time>)")
+    g.add_argument("--resume", nargs="?", const="", metavar="DIR",
+                   help="resume a run dir or one checkpoint (bare: the --out dir); exact continuation")
+    g.add_argument("--device", help="cuda / cpu (default: cuda:LOCAL_RANK when available)")
+    g.add_argument("--backend", choices=("auto", "triton", "torch", "cuda"),
+                   help="d2kernels backend (auto: triton on CUDA, torch on CPU)")
+    g.add_argument("--fsdp", action="store_true", help="shard the drafter with FSDP2 fully_shard instead of DDP")
+    g.add_argument("--d2", dest="enable_d2_feature", action=argparse.BooleanOptionalAction,
+                   help="D2 (variable-prefix) training; --no-d2 = plain DFlash")
+    g.add_argument("--dflash-labels", dest="dflash_labels", choices=("shifted", "same"),
+                   help="DFlash-mode labels: shifted (DeepSpec, slot k predicts token a+k+1) or same")
+    _add_dataclass_options(p.add_argument_group("training (TrainConfig)"), TrainConfig)
+    _add_dataclass_options(p.add_argument_group("drafter (DrafterConfig)"), DrafterConfig, DRAFTER_KNOBS)
+    return p
+
+
+@dataclass
+class Run:
+    """Everything resolved before training: options, configs, paths."""
+
+    opts: dict[str, Any]  # the options as given (replayed on --resume)
+    preset: str
+    train: TrainConfig
+    drafter_args: dict[str, Any]
+    target: Optional[str]
+    data: Optional[str]
+    cache: Optional[str]
+    out: Path
+    device: Optional[str]
+    fsdp: bool
+    resume_from: Optional[Path] = None
+    resume_state: Optional[dict] = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.data is None and self.cache is None
+
+
+def resolve_run(argv: Optional[list[str]] = None) -> Run:
+    """Layer TrainConfig defaults < preset < resumed run's options < command line."""
+    given = vars(build_parser().parse_args(argv))
+    resume_from, state = None, None
+    if "resume" in given:
+        where = given["resume"] or given.get("out")
+        if not where:
+            raise UsageError("bare --resume needs --out DIR (or pass the run dir: --resume DIR)")
+        resume_from = ckpt.resolve_resume(Path(where), log=log)
+        state = ckpt.load_trainer_state(resume_from)
+        opts = {**state["run_opts"], **{k: v for k, v in given.items() if k not in NOT_REPLAYED}}
+        if "out" not in given:
+            opts["out"] = str(resume_from.parent.parent)
+    else:
+        opts = {k: v for k, v in given.items() if k not in NOT_REPLAYED}
+    preset_name = opts.get("preset", "tiny")
+    preset = get_preset(preset_name)
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = TrainConfig(**{**preset.get("train", {}), **{k: opts[k] for k in train_names if k in opts}})
+    drafter_names = set(DRAFTER_KNOBS) | {"enable_d2_feature", "dflash_labels", "backend"}
+    drafter_args = {**preset.get("drafter", {}), **{k: opts[k] for k in drafter_names if k in opts}}
+    if "backend" not in drafter_args:
+        drafter_args["backend"] = "auto"
+    _check_train_config(train)
+    out = Path(opts["out"]) if "out" in opts else Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    opts.setdefault("out", str(out))
+    return Run(
+        opts=opts, preset=preset_name, train=train, drafter_args=drafter_args,
+        target=opts.get("target"), data=opts.get("data"), cache=opts.get("cache"), out=out,
+        device=opts.get("device"), fsdp=bool(opts.get("fsdp", False)),
+        resume_from=resume_from, resume_state=state,
+    )
+
+
+def _check_train_config(t: TrainConfig) -> None:
+    problems = []
+    for name in ("max_steps", "global_batch_size", "micro_batch_size", "max_length", "log_every"):
+        if getattr(t, name) < 1:
+            problems.append(f"{name} must be >= 1, got {getattr(t, name)}")
+    if not 0 <= t.warmup_ratio < 1:
+        problems.append(f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    if t.schedule not in ("cosine", "linear", "constant"):
+        problems.append(f"schedule must be cosine, linear or constant, got {t.schedule!r}")
+    if not t.lr > 0:
+        problems.append(f"lr must be > 0, got {t.lr}")
+    if problems:
+        raise UsageError("bad training config: " + "; ".join(problems))
+
+
+# ============================================================================ target + data
+
+
+def load_target_model(run: Run, device: torch.device):
+    """``(model, tokenizer)``: a frozen target, bf16 on GPU, fp32 on CPU; clear error when missing."""
+    from .target import load_target
+
+    path = run.target
+    if path is None:
+        from .assets import tiny_target_path
+
+        path = str(tiny_target_path())
+    local = Path(os.path.expanduser(path))
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
+    if not local.exists() and looks_local:
+        raise UsageError(f"target path {path} does not exist (pass a model dir or a hub id like Qwen/Qwen3-8B)")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        model, tokenizer = load_target(str(local) if local.exists() else path, device, dtype)
+    except OSError as e:
+        raise UsageError(f"cannot load target {path}: {e}") from None
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def _target_dims(model) -> tuple[int, int]:
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return int(cfg.hidden_size), int(cfg.num_hidden_layers)
+
+
+def check_target_matches(run: Run, model) -> None:
+    """The preset's target layers must exist in the target, and its hidden size must match."""
+    H, n_layers = _target_dims(model)
+    ids = list(run.drafter_args.get("target_layer_ids") or [])
+    bad = [i for i in ids if not -1 <= int(i) < n_layers]
+    where = run.target or "the tiny target"
+    if bad:
+        raise UsageError(
+            f"preset {run.preset!r} uses target layers {ids}, but {where} has {n_layers} layers "
+            f"(valid ids -1..{n_layers - 1}); pick the preset of this target or pass --target-layer-ids"
+        )
+    want = run.drafter_args.get("hidden_size")
+    if want is not None and int(want) != H:
+        raise UsageError(f"preset {run.preset!r} expects target hidden size {want}, {where} has {H}")
+    if run.resume_state is not None:
+        saved = run.resume_state["drafter_config"]
+        if int(saved["hidden_size"]) != H or int(saved["num_target_layers"]) != n_layers:
+            raise UsageError(
+                f"the checkpoint's drafter was trained on a target with hidden {saved['hidden_size']} and "
+                f"{saved['num_target_layers']} layers; {where} has hidden {H} and {n_layers} layers"
+            )
+
+
+def load_examples(run: Run, target, tokenizer) -> list[dict]:
+    """Tokenized training records ``{input_ids, loss_mask[, target_hidden]}``; prints what was dropped."""
+    from . import data
+
+    t = run.train
+    try:
+        if run.cache is not None:
+            examples = _cache_examples(run)
+        elif run.data is not None:
+            if not Path(run.data).is_file():
+                raise UsageError(f"--data {run.data}: no such file")
+            examples = data.load_chat_jsonl(run.data, tokenizer, t.max_length)
+        else:
+            prompts = data.builtin_prompts()
+            log(f"target regenerates {len(prompts)} built-in responses (max {t.max_new_tokens} new tokens)")
+            records = data.generate_responses(target, tokenizer, prompts, t.max_new_tokens)
+            examples = data.tokenize_records(records, tokenizer, t.max_length)
+    except (ValueError, KeyError) as e:
+        raise UsageError(str(e)) from None
+    stats = getattr(examples, "stats", None)
+    if stats:
+        log("data: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+    examples = [e for e in examples if int(torch.as_tensor(e["loss_mask"]).sum()) >= 2]
+    if not examples:
+        raise UsageError("no training record has two or more assistant tokens to anchor on")
+    return examples
+
+
+def _cache_examples(run: Run) -> list[dict]:
+    from .data import TargetCache
+
+    if not Path(run.cache).exists():
+        raise UsageError(f"--cache {run.cache}: no such directory")
+    cache = TargetCache(run.cache)
+    out = []
+    for i in range(len(cache)):
+        rec = cache[i]
+        S = min(len(rec["input_ids"]), run.train.max_length)
+        out.append({
+            "input_ids": torch.as_tensor(rec["input_ids"])[:S],
+            "loss_mask": torch.as_tensor(rec["loss_mask"])[:S],
+            "target_hidden": torch.as_tensor(rec["target_hidden"])[:S],
+        })
+    return out
+
+
+# ============================================================================ batches
+
+
+@dataclass
+class Micro:
+    """One micro-batch: its global index inside the step (seeds its anchors) and its records."""
+
+    index: int
+    records: list[dict]
+
+
+class Batcher:
+    """Deterministic, resumable order over records: a fresh permutation per epoch (seed + epoch).
+
+    A global batch is the next ``global_batch_size`` records; it is cut into micro-batches of
+    ``micro_batch_size`` and micro-batch ``i`` goes to rank ``i % world_size``. ``state_dict()``
+    is the data position.
+    """
+
+    def __init__(self, n: int, global_batch_size: int, micro_batch_size: int, world_size: int, rank: int, seed: int):
+        per = micro_batch_size * world_size
+        if global_batch_size % per:
+            raise UsageError(
+                f"global_batch_size={global_batch_size} must be a multiple of "
+                f"micro_batch_size*world_size = {micro_batch_size}*{world_size}"
+            )
+        self.n, self.gbs, self.mbs = n, global_batch_size, micro_batch_size
+        self.world, self.rank, self.seed = world_size, rank, seed
+        self.epoch, self.cursor = 0, 0
+
+    @property
+    def accum_steps(self) -> int:
+        return self.gbs // (self.mbs * self.world)
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def next(self) -> list[list[int]]:
+        """Record indices of this rank's micro-batches of the next global batch."""
+        picked = []
+        while len(picked) < self.gbs:
+            order = self._order(self.epoch)
+            take = min(self.gbs - len(picked), self.n - self.cursor)
+            picked += order[self.cursor:self.cursor + take]
+            self.cursor += take
+            if self.cursor == self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        micros = [picked[i:i + self.mbs] for i in range(0, self.gbs, self.mbs)]
+        return [(i, m) for i, m in enumerate(micros) if i % self.world == self.rank]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "n": self.n}
+
+    def load_state_dict(self, s: dict) -> None:
+        if s["n"] != self.n:
+            raise UsageError(f"the checkpoint was trained on {s['n']} records, this data has {self.n}")
+        self.epoch, self.cursor = s["epoch"], s["cursor"]
+
+
+def collate(records: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest record: ``input_ids, loss_mask, attention_mask [b, S]`` (+ ``target_hidden``)."""
+    S = max(len(r["input_ids"]) for r in records)
+    b = len(records)
+    ids = torch.full((b, S), pad_id, dtype=torch.long)
+    lm = torch.zeros(b, S, dtype=torch.long)
+    am = torch.zeros(b, S, dtype=torch.long)
+    for i, r in enumerate(records):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.as_tensor(r["input_ids"])
+        lm[i, :n] = torch.as_tensor(r["loss_mask"])
+        am[i, :n] = 1
+    batch = {"input_ids": ids.to(device), "loss_mask": lm.to(device), "attention_mask": am.to(device)}
+    if "target_hidden" in records[0]:
+        th = torch.zeros(b, S, records[0]["target_hidden"].shape[-1], dtype=records[0]["target_hidden"].dtype)
+        for i, r in enumerate(records):
+            th[i, : len(r["input_ids"])] = r["target_hidden"]
+        batch["target_hidden"] = th.to(device)
+    return batch
+
+
+def online_features(target, layer_ids: list[int]) -> Callable[[dict], torch.Tensor]:
+    """``batch -> target_hidden [b, S, L*H]`` from the frozen target (no grad)."""
+    from .target import target_hidden_states
+
+    def features(batch: dict) -> torch.Tensor:
+        if "target_hidden" in batch:
+            return batch["target_hidden"]
+        with torch.no_grad():
+            return target_hidden_states(target, batch["input_ids"], batch["attention_mask"], layer_ids)
+
+    return features
+
+
+# ============================================================================ step
+
+
+def anchor_seed(seed: int, step: int, micro_index: int) -> int:
+    """Seed of the anchor / prefix draws of one micro-batch: independent of world size and restarts."""
+    h = hashlib.blake2b(f"{seed}:{step}:{micro_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class StepStats:
+    loss: float
+    den: float
+    correct: torch.Tensor  # [B] long, summed over ranks
+    count: torch.Tensor  # [B] long
+    tokens: int
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    micros: list[tuple[int, dict]],
+    features: Callable[[dict], torch.Tensor],
+    info: ddist.DistInfo,
+    *,
+    seed: int,
+    step: int,
+    generator: torch.Generator,
+    amp: bool = False,
+) -> StepStats:
+    """Accumulate the gradient of one global batch into ``.grad``.
+
+    Each micro-batch backpropagates ``loss_num * world_size``; DDP / FSDP average over ranks and
+    the gradients are then divided by the global ``Σw + 1e-6``: the result is the gradient of the
+    global weighted mean, whatever the split over ranks and micro-batches (SPEC).
+    """
+    num = torch.zeros((), dtype=torch.float64)
+    den = torch.zeros((), dtype=torch.float64)
+    correct = count = None
+    tokens = 0
+    amp_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+    for j, (index, batch) in enumerate(micros):
+        generator.manual_seed(anchor_seed(seed, step, index))
+        target_hidden = features(batch)
+        with ddist.no_sync(model, j < len(micros) - 1):
+            with amp_ctx:
+                out = model(batch["input_ids"], target_hidden, batch["loss_mask"], generator=generator)
+            (out.loss_num * info.world_size).backward()
+        num += out.loss_num.detach().double().cpu()
+        den += out.loss_den.detach().double().cpu()
+        c, n = out.correct_per_slot.detach().cpu(), out.count_per_slot.detach().cpu()
+        correct = c if correct is None else correct + c
+        count = n if count is None else count + n
+        tokens += int(batch["attention_mask"].sum())
+    B = correct.numel()
+    tot = ddist.all_reduce_sum([num, den, correct, count, torch.tensor(float(tokens))], info)
+    g_num, g_den = float(tot[0]), float(tot[1])
+    scale = 1.0 / (g_den + 1e-6)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    return StepStats(
+        loss=g_num * scale,
+        den=g_den,
+        correct=tot[2:2 + B].round().long(),
+        count=tot[2 + B:2 + 2 * B].round().long(),
+        tokens=int(tot[-1]),
+    )
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup_ratio * max_steps``, then cosine / linear decay to ``min_lr_ratio``."""
+    warmup = int(math.ceil(t.warmup_ratio * t.max_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if t.schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, t.max_steps - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if t.schedule == "cosine" else 1 - frac
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ============================================================================ model
+
+
+def build_model(run: Run, target, info: ddist.DistInfo):
+    """The drafter (initialized from the target, or the checkpoint's weights), wrapped for DDP / FSDP."""
+    from .models import build_drafter
+
+    torch.manual_seed(run.train.seed)
+    try:
+        drafter = build_drafter(target.config, **run.drafter_args)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"cannot build the drafter: {e}") from None
+    drafter.init_from_target(target)
+    if run.resume_from is not None:
+        from safetensors.torch import load_file
+
+        sd = load_file(str(run.resume_from / ckpt.DRAFTER_DIR / "model.safetensors"))
+        drafter.load_state_dict(sd)
+    drafter.to(info.device)
+    return drafter, ddist.wrap_model(drafter, info, fsdp=run.fsdp)
+
+
+def _full_state(model, optimizer, run: Run):
+    """``(model_sd, optim_sd)`` as full tensors on CPU (gathered from FSDP shards when sharded)."""
+    if run.fsdp and dist_enabled():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return None, optimizer.state_dict()
+
+
+def dist_enabled() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def save(run: Run, step: int, model, optimizer, scheduler, batcher: Batcher, gen, info, drafter) -> Optional[Path]:
+    model_sd, optim_sd = _full_state(model, optimizer, run)
+    path = None
+    if info.is_main:
+        def write_drafter(d: Path) -> None:
+            if model_sd is not None:
+                # FSDP: save_pretrained reads a full (gathered) copy, not the local shards.
+                cls = next(c for c in type(drafter).__mro__ if not c.__name__.startswith("FSDP"))
+                clone = cls(drafter.config)
+                clone.load_state_dict(model_sd)
+                clone.save_pretrained(str(d))
+            else:
+                drafter.save_pretrained(str(d))
+
+        state = {
+            "step": step,
+            "optimizer": optim_sd,
+            "scheduler": scheduler.state_dict(),
+            "data": batcher.state_dict(),
+            "rng": ckpt.capture_rng_state(gen),
+            "run_opts": run.opts,
+            "train_config": dataclasses.asdict(run.train),
+            "drafter_config": drafter.config.to_dict(),
+            "world_size": info.world_size,
+            "fsdp": run.fsdp,
+        }
+        path = ckpt.save_checkpoint(run.out / "checkpoints", step, write_drafter, state, run.train.keep_last)
+    ddist.barrier(info)
+    return path
+
+
+def restore(run: Run, model, optimizer, scheduler, batcher: Batcher, gen) -> int:
+    s = run.resume_state
+    if run.fsdp and dist_enabled():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, s["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(s["optimizer"])
+    scheduler.load_state_dict(s["scheduler"])
+    batcher.load_state_dict(s["data"])
+    ckpt.restore_rng_state(s["rng"], gen)
+    return int(s["step"])
+
+
+# ============================================================================ metrics
+
+
+class Metrics:
+    """metrics.jsonl (one object per logged step), TensorBoard when importable, curves.png at the end."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: Optional[int]):
+        self.path = out / "metrics.jsonl"
+        self.enabled = enabled
+        self.rows: list[dict] = []
+        self.tb = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            # Rows past the checkpoint came from the interrupted run; they are redone now.
+            self.rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
+        elif self.path.exists():
+            self.path.unlink()
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def plot(self, out: Path) -> Optional[Path]:
+        """curves.png (loss + accuracy); None when matplotlib is missing or nothing was logged."""
+        if not self.enabled or not self.rows:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        steps = [r["step"] for r in self.rows]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        a1.plot(steps, [r["loss"] for r in self.rows])
+        a1.set(xlabel="step", ylabel="loss", title="decayed CE loss")
+        a2.plot(steps, [r["acc"] for r in self.rows], label="all slots")
+        B = len(self.rows[-1]["acc_per_slot"])
+        for k in range(B):
+            a2.plot(steps, [r["acc_per_slot"][k] for r in self.rows], lw=0.8, alpha=0.6, label=f"slot {k}")
+        a2.set(xlabel="step", ylabel="accuracy", title="supervised-slot accuracy")
+        a2.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "curves.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ============================================================================ loop
+
+
+class StopFlag:
+    """SIGTERM / SIGINT ask for a checkpoint at the end of the current step, then a clean exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.hit = False
+        self._previous = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.hit = True
+
+
+def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, features, info, start_step,
+               gen: torch.Generator, pad_id: int) -> dict:
+    from tqdm import tqdm
+
+    t = run.train
+    metrics = Metrics(run.out, info.is_main, start_step if run.resume_from else None)
+    amp = info.device.type == "cuda"
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=t.max_steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True, file=sys.stderr)
+    last = None
+    step = start_step
+    t0 = time.time()
+    with StopFlag() as stop:
+        while step < t.max_steps:
+            micros = [(i, collate([examples[k] for k in idx], pad_id, info.device)) for i, idx in batcher.next()]
+            ts = time.time()
+            s = forward_backward(model, micros, features, info, seed=t.seed, step=step, generator=gen, amp=amp)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.time() - ts
+            acc_slot = (s.correct.double() / s.count.clamp_min(1).double()).tolist()
+            acc = float(s.correct.sum()) / max(1, int(s.count.sum()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{s.loss:.3f}", acc=f"{acc:.3f}", tok_s=f"{s.tokens / dt:.0f}")
+            if step % t.log_every == 0 or step == t.max_steps:
+                metrics.log({
+                    "step": step, "loss": s.loss, "acc": acc, "acc_per_slot": acc_slot, "lr": lr,
+                    "grad_norm": float(gnorm), "tokens_per_s": s.tokens / dt, "supervised_weight": s.den,
+                    "time": time.time() - t0,
+                })
+            stopping = ddist.any_rank(stop.hit, info)
+            if stopping or step == t.max_steps or (t.save_every > 0 and step % t.save_every == 0):
+                last = save(run, step, model, optimizer, scheduler, batcher, gen, info, drafter)
+            if stopping:
+                bar.close()
+                log(f"stop signal: checkpoint saved at step {step}; resume with --resume {run.out}")
+                break
+    bar.close()
+    plot = metrics.plot(run.out)
+    metrics.close()
+    return {"step": step, "checkpoint": last, "plot": plot, "metrics": metrics, "seconds": time.time() - t0,
+            "stopped": stop.hit}
+
+
+def report(run: Run, result: dict) -> None:
+    rows = result["metrics"].rows
+    if rows:
+        k = max(1, len(rows) // 10)
+        first = sum(r["loss"] for r in rows[:k]) / k
+        final = sum(r["loss"] for r in rows[-k:]) / k
+        log(f"{result['step']} steps in {result['seconds']:.1f}s; loss {first:.3f} -> {final:.3f} "
+            f"(mean of the first / last {k} logged steps), accuracy {rows[-1]['acc']:.3f}")
+    log(f"run dir:    {run.out}")
+    log(f"metrics:    {result['metrics'].path}")
+    if result["plot"] is not None:
+        log(f"curves:     {result['plot']}")
+    else:
+        log("curves:     not written (matplotlib is not installed: pip install matplotlib)")
+    if result["checkpoint"] is not None:
+        log(f"checkpoint: {result['checkpoint']}  (drafter: load_drafter('{result['checkpoint']}/drafter'))")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        run = resolve_run(argv)
+        info = ddist.setup(run.device)
+        random.seed(run.train.seed)
+        np.random.seed(run.train.seed)
+        target, tokenizer = load_target_model(run, info.device)
+        check_target_matches(run, target)
+        pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        examples = load_examples(run, target, tokenizer)
+        drafter, model = build_model(run, target, info)
+        features = online_features(target, list(drafter.config.target_layer_ids))
+        optimizer = make_optimizer(model, run.train)
+        scheduler = make_scheduler(optimizer, run.train)
+        batcher = Batcher(len(examples), run.train.global_batch_size, run.train.micro_batch_size,
+                          info.world_size, info.rank, run.train.seed)
+    except (UsageError, ckpt.CorruptCheckpoint, FileNotFoundError) as e:
+        print(f"python -m d2sd.train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    start = 0
+    gen = torch.Generator()  # anchor / prefix draws; reseeded per micro-batch by anchor_seed
+    if run.resume_state is not None:
+        start = restore(run, model, optimizer, scheduler, batcher, gen)
+        log(f"resumed from {run.resume_from} at step {start}")
+    if info.is_main:
+        log(f"run dir {run.out}: {len(examples)} records, preset {run.preset}, "
+            f"{sum(p.numel() for p in drafter.parameters() if p.requires_grad):,} trainable parameters, "
+            f"{batcher.accum_steps} micro-batches/step/rank, device {info.device}, world {info.world_size}")
+    result = train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, features, info, start, gen, pad_id)
+    if info.is_main:
+        report(run, result)
+    ddist.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
