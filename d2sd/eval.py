@@ -65,13 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "default with the tiny target: train or reuse one under --drafter-cache")
     g.add_argument("--vp", help="VP (D2, variable-prefix) drafter dir; same default as --dflash")
     g.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (torch.set_num_threads); 1 is fastest for the tiny target")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "float64"), default="auto",
                    help="target and drafter dtype (auto: bfloat16 on CUDA, float32 on CPU)")
     g = p.add_argument_group("decoding")
     g.add_argument("--data", action="append", metavar="FILE",
                    help="prompts JSONL, one dataset per file (repeatable); a line is {'prompt': str}, "
                    "{'messages': [...]} or {'conversations': [...]} (a trailing assistant turn is dropped). "
-                   "Default: the built-in prompts")
+                   "Default: the built-in prompts (the embedded drafters train on them) and a "
+                   "held-out draw of the same generator")
     g.add_argument("--num-prompts", type=int, default=None, help="use at most this many prompts per dataset")
     g.add_argument("--k", type=int, default=4, help="D2SD branches: top-K prefix lengths by r(i) (1 <= K < block size)")
     g.add_argument("--distinct-branches", action="store_true",
@@ -140,16 +143,19 @@ def load_prompt_file(path: str) -> list[Any]:
     return items
 
 
-def _builtin_prompts() -> list[Any]:
+HELDOUT_SEED = 7  # a draw of the built-in prompt generator that neither drafters nor target saw
+
+
+def _builtin_prompts(seed: Optional[int] = None) -> list[Any]:
     from .data import builtin_prompts
 
-    return list(builtin_prompts())
+    return list(builtin_prompts() if seed is None else builtin_prompts(seed=seed))
 
 
 def load_datasets(args, tokenizer) -> dict[str, list[list[int]]]:
     sources = {Path(p).stem: (lambda p=p: load_prompt_file(p)) for p in (args.data or [])}
     if not sources:
-        sources = {"builtin": _builtin_prompts}
+        sources = {"builtin": _builtin_prompts, "heldout": lambda: _builtin_prompts(HELDOUT_SEED)}
     datasets = {}
     for name, get in sources.items():
         items = get()[: args.num_prompts] if args.num_prompts else get()
@@ -399,6 +405,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise UsageError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
         if args.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if args.threads is not None:
+            torch.set_num_threads(max(1, args.threads))
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _dtype(args.dtype, device)
         target_path = args.target
