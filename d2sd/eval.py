@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drafter-cache", default=str(DEFAULT_DRAFTER_CACHE), help="where trained drafters are kept and reused")
     g.add_argument("--train-steps", type=int, default=300, help="training steps of each drafter (same budget for both)")
     g.add_argument("--block-size", type=int, default=7, help="block size of the trained drafters")
+    g.add_argument("--dflash-labels", choices=("shifted", "same"), default="shifted",
+                   help="labels of the trained DFlash drafter: shifted (DeepSpec, slot k predicts a+k+1) or same")
     g.add_argument("--retrain", action="store_true", help="train the drafters again even if cached")
     g.add_argument("--seed", type=int, default=0, help="training seed of the embedded drafters")
     return p
@@ -213,25 +215,31 @@ def _latest_drafter_dir(run_dir: Path) -> Path:
 def embedded_drafters(args, target_path: str) -> tuple[str, str]:
     """Paths of a DFlash and a VP drafter for the tiny target: reused from the cache or trained now.
 
-    Both train with ``d2sd.train`` on the same budget (``--train-steps``) and block size; only
-    the D2 feature differs. The cache key covers the target files and every training knob.
+    Both train with ``d2sd.train`` (preset ``tiny``) on the same budget (``--train-steps``), block
+    size and seed; they differ only in the D2 feature (and ``--dflash-labels`` for the DFlash one).
+    The cache key covers the target files and every knob given here.
     """
     from . import train
 
-    key = hashlib.sha256(json.dumps(
-        [_file_digest(Path(target_path)), args.train_steps, args.block_size, args.seed]).encode()).hexdigest()[:10]
-    root = Path(args.drafter_cache) / f"tiny-b{args.block_size}-s{args.train_steps}-{key}"
     paths = {}
     for name, d2 in (("dflash", False), ("vp", True)):
-        done = root / name / "DONE"
+        tag = f"{name}-{args.dflash_labels}" if not d2 else name
+        key = hashlib.sha256(json.dumps(
+            [_file_digest(Path(target_path)), tag, args.train_steps, args.block_size, args.seed]).encode()).hexdigest()[:10]
+        root = Path(args.drafter_cache) / f"tiny-{tag}-b{args.block_size}-s{args.train_steps}-{key}"
+        done = root / "DONE"
         if done.is_file() and not args.retrain:
             paths[name] = done.read_text().strip()
             log(f"reusing the {name} drafter {paths[name]}")
             continue
-        out = root / name / "run"
+        out = root / "run"
+        if out.exists():  # a stale or interrupted run: start clean rather than resume it
+            shutil.rmtree(out)
         argv = ["--target", target_path, "--out", str(out), "--max-steps", str(args.train_steps),
                 "--block-size", str(args.block_size), "--seed", str(args.seed),
                 "--save-every", str(args.train_steps), "--d2" if d2 else "--no-d2"]
+        if not d2:
+            argv += ["--dflash-labels", args.dflash_labels]
         if args.device:
             argv += ["--device", str(args.device)]
         log(f"training the {name} drafter ({args.train_steps} steps): python -m d2sd.train {' '.join(argv)}")
@@ -405,9 +413,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise UsageError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
         if args.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if args.threads is None and args.target is None and device.type == "cpu":
+            args.threads = 1  # the tiny target is far too small to gain from intra-op threads
         if args.threads is not None:
             torch.set_num_threads(max(1, args.threads))
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = _dtype(args.dtype, device)
         target_path = args.target
         if target_path is None:
