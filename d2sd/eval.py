@@ -274,6 +274,7 @@ def summarize(results: Sequence[DecodeResult], greedy: Optional[Sequence[DecodeR
         "rows_per_step": sum(s.rows for s in steps) / n_steps,
         "seconds": seconds,
         "tokens_per_s": new_tokens / seconds if seconds > 0 else 0.0,
+        "kv_cache": all(r.kv_cache for r in results),
     }
     branch = [s for s in steps if s.winner >= 0]
     out["branch_win_rate"] = len(branch) / n_steps

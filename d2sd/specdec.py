@@ -251,11 +251,6 @@ class SlotDrafter:
         self.dtype = _model_dtype(drafter, torch.float32)
         self.device = _model_device(drafter)
 
-    @property
-    def num_drafted(self) -> int:
-        """Tokens one block drafts after the anchor when only the anchor is visible."""
-        return self.block_size - 1 + self.offset
-
     @torch.no_grad()
     def logits(self, feats: torch.Tensor, anchor_pos: int, blocks: torch.Tensor) -> torch.Tensor:
         """``feats [a, U, H]`` (target features of positions ``< anchor``), ``blocks [K, B]`` -> ``[K, B, V]``."""
@@ -288,6 +283,7 @@ class DecodeResult:
     steps: list[StepStats] = field(default_factory=list)
     prefill_s: float = 0.0
     total_s: float = 0.0
+    kv_cache: bool = False  # whether the target's KV cache was kept (else: prefix recomputed per forward)
 
 
 def _match_len(cand: Sequence[int], greedy: Sequence[int]) -> int:
@@ -351,6 +347,7 @@ def decode(
     first, feats = verifier.prefill(prompt)
     _sync(dev)
     res.prefill_s = time.perf_counter() - t0
+    res.kv_cache = verifier.cached
     res.tokens.append(first)
     # feats [n-1, U, H]: target features of every committed position except the newest token
     while len(res.tokens) < max_new_tokens and res.tokens[-1] not in eos:

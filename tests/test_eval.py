@@ -296,7 +296,7 @@ METRIC_KEYS = {
     "per_position_acceptance": list, "accepted_histogram": list, "draft_ms_per_step": float,
     "target_ms_per_step": float, "prefill_ms": float, "rows_per_step": float, "seconds": float,
     "tokens_per_s": float, "branch_win_rate": float, "branch_win_by_prefix": dict, "lossless": bool,
-    "mismatched_prompts": list, "speedup_vs_greedy": float,
+    "mismatched_prompts": list, "speedup_vs_greedy": float, "kv_cache": bool,
 }
 
 
@@ -431,6 +431,7 @@ def test_cli_end_to_end_report_and_plot(tiny, tmp_path):
     rep = json.loads(report.read_text())
     check_report_schema(rep, datasets=["mini"])
     assert rep["lossless"] is True and rep["config"]["k"] == 3 and rep["config"]["block_size"] == 7
+    assert all(r["kv_cache"] for r in rep["methods"].values()), "the tiny Qwen3 keeps its KV cache"
     try:
         import matplotlib  # noqa: F401
     except ImportError:
