@@ -304,6 +304,15 @@ def test_d2_on_off_change_inputs_and_supervision():
     assert not torch.allclose(o1.loss_num, o2.loss_num)
 
 
+@pytest.mark.parametrize("gamma", [None, 0.0], ids=["gamma-None", "gamma-0"])
+def test_no_decay_weights_every_supervised_slot_one(gamma):
+    torch.manual_seed(0)
+    d = build_drafter(qwen3_target(), num_draft_layers=1, block_size=4, num_anchors=5, loss_decay_gamma=gamma, backend="torch")
+    assert d.config.loss_decay_gamma == gamma
+    out = d(*make_batch(d)[:3], generator=torch.Generator().manual_seed(0))
+    assert out.loss_den.item() == out.count_per_slot.sum().item() > 0
+
+
 def test_sampling_is_reproducible_with_generator():
     d = make_drafter("qwen3", "d2", N=6)
     ids, th, lm, *_ = make_batch(d)
@@ -362,6 +371,7 @@ def test_init_from_target_copies_and_freezes():
         (dict(dflash_labels="left"), "dflash_labels"),
         (dict(num_draft_layers=0), "num_draft_layers"),
         (dict(backend="cuda-graph"), "backend"),
+        (dict(loss_decay_gamma="4"), "loss_decay_gamma"),
     ],
     ids=lambda v: str(v) if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()),
 )
