@@ -116,7 +116,7 @@ def reference_loss(
     ctx = drafter._context(target_hidden)  # [Bt, S, H]
     mask = ops.block_mask(anchors, keep, S, NB, B)
     pos = torch.cat([torch.arange(S, device=x.device).expand(Bt, S), layout.draft_positions(anchors, B)], 1)  # [Bt, S+NB]
-    cos, sin = rope_cos_sin(drafter.inv_freq, drafter.rope_scaling, pos, x.dtype)  # [Bt, S+NB, D]
+    cos, sin = rope_cos_sin(drafter._inv_freq_on(x.device), drafter.rope_scaling, pos, x.dtype)  # [Bt, S+NB, D]
     cos_q, sin_q = cos[:, S:], sin[:, S:]
     for layer in drafter.layers:
         att = layer.self_attn
