@@ -17,7 +17,11 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 from transformers import Qwen3Config  # noqa: E402
-from transformers.models.gemma4 import Gemma4TextConfig  # noqa: E402
+
+try:  # Gemma4 cases run only where transformers has Gemma4
+    from transformers.models.gemma4 import Gemma4TextConfig
+except ImportError:
+    Gemma4TextConfig = None
 
 import d2kernels  # noqa: E402
 from d2kernels import layout  # noqa: E402
@@ -50,7 +54,7 @@ def gemma4_target(H=40, layers=6, V=11):
     )
 
 
-TARGETS = {"qwen3": qwen3_target, "gemma4": gemma4_target}
+TARGETS = {"qwen3": qwen3_target, **({"gemma4": gemma4_target} if Gemma4TextConfig else {})}
 MODES = {  # mode -> build_drafter flags
     "d2": dict(enable_d2_feature=True),
     "shifted": dict(enable_d2_feature=False, dflash_labels="shifted"),
@@ -411,6 +415,8 @@ PRESET_TARGETS = {
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_build(name):
+    if name.startswith("gemma4") and Gemma4TextConfig is None:
+        pytest.skip("transformers without Gemma4")
     p = get_preset(name)
     assert set(p) == {"drafter", "train"}
     with torch.device("meta"):
@@ -433,7 +439,7 @@ def test_presets_build(name):
 
 
 def test_config_dict_round_trip():
-    cfg = make_drafter("gemma4", "d2").config
+    cfg = make_drafter(list(TARGETS)[-1], "d2").config
     assert DrafterConfig.from_dict({**cfg.to_dict(), "architectures": ["x"]}) == cfg
 
 
