@@ -132,6 +132,9 @@ class DrafterConfig:
             raise ValueError(f"mask_token_id={self.mask_token_id!r} must be a token id in [0, {self.vocab_size})")
         if not float(self.d2_prefix_weight_base) > 0:
             raise ValueError(f"d2_prefix_weight_base must be > 0, got {self.d2_prefix_weight_base}")
+        g = self.loss_decay_gamma
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or g != g):
+            raise ValueError(f"loss_decay_gamma must be a number (<= 0: no decay) or None, got {g!r}")
         if self.dflash_labels not in DFLASH_LABELS:
             raise ValueError(f"dflash_labels must be 'shifted' or 'same', got {self.dflash_labels!r}")
         if self.backend not in ("auto", "torch", "triton", "cuda"):
