@@ -220,7 +220,8 @@ def load_target_model(run: Run, device: torch.device):
     path = os.path.expanduser(str(path))
     if not Path(path).exists():
         raise UsageError(f"target path {path} does not exist (pass a Hugging Face model dir with --target)")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # bf16 on GPU; with a cache the target is never run (only its embeddings are copied): bf16 too.
+    dtype = torch.bfloat16 if device.type == "cuda" or run.cache else torch.float32
     try:
         model, tokenizer = load_target(path, device, dtype)
     except (OSError, ValueError) as e:
@@ -330,7 +331,9 @@ def _cache_samples(run: Run, target) -> _CacheSamples:
     except FileNotFoundError as e:
         raise UsageError(f"--cache {run.cache}: {e}") from None
     want = list(run.drafter_args.get("target_layer_ids") or [])
-    if want and list(cache.target_layer_ids) != want:
+    if not want:
+        run.drafter_args["target_layer_ids"] = list(cache.target_layer_ids)
+    elif list(cache.target_layer_ids) != want:
         raise UsageError(
             f"--cache {run.cache} holds target layers {cache.target_layer_ids}, the drafter wants {want} "
             f"(pass --target-layer-ids {' '.join(map(str, cache.target_layer_ids))} or rebuild the cache)"
@@ -768,12 +771,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         info = ddist.setup(run.device)
         random.seed(run.train.seed)
         np.random.seed(run.train.seed)
-        target, tokenizer = load_target_model(run, info.device)
+        # With an offline cache the target only lends its embeddings / lm_head: keep it on the CPU.
+        target, tokenizer = load_target_model(run, torch.device("cpu") if run.cache else info.device)
         check_target_matches(run, target)
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         examples = load_examples(run, target, tokenizer)
         drafter, model = build_model(run, target, info)
-        features = online_features(target, list(drafter.config.target_layer_ids))
+        features = online_features(None if run.cache else target, list(drafter.config.target_layer_ids))
+        if run.cache:
+            del target
         optimizer = make_optimizer(model, run.train)
         scheduler = make_scheduler(optimizer, run.train)
         batcher = Batcher(len(examples), run.train.global_batch_size, run.train.micro_batch_size,
