@@ -551,3 +551,17 @@ def test_benchmark_reference_path_matches_drafter(mode):
     for n, p in d.named_parameters():
         if p.requires_grad:
             assert rel_err(p.grad, ref_g[n]) < 1e-4, n
+
+
+def test_meta_device_init_then_materialize():
+    """FSDP-style init: build on meta, to_empty, reset_parameters; RoPE frequencies stay real."""
+    with torch.device("meta"):
+        d = build_drafter(qwen3_target(), num_draft_layers=1, block_size=4, num_anchors=5, backend="torch")
+    assert d.fc.weight.is_meta and not d.inv_freq.is_meta
+    d = d.to_empty(device="cpu")
+    d.reset_parameters()
+    ref = make_drafter("qwen3", "d2", layers=1)
+    d.load_state_dict(ref.state_dict())
+    batch = make_batch(d)
+    kw = dict(anchors=batch[3], keep=batch[4], prefix_lens=batch[5])
+    assert torch.equal(d(*batch[:3], **kw).loss_num, ref(*batch[:3], **kw).loss_num)
