@@ -555,12 +555,13 @@ def test_benchmark_reference_path_matches_drafter(mode):
 
 def test_meta_device_init_then_materialize():
     """FSDP-style init: build on meta, to_empty, reset_parameters; RoPE frequencies stay real."""
+    ref = make_drafter("qwen3", "d2", layers=1)
     with torch.device("meta"):
-        d = build_drafter(qwen3_target(), num_draft_layers=1, block_size=4, num_anchors=5, backend="torch")
+        d = build_drafter(qwen3_target(), **{k: getattr(ref.config, k) for k in (
+            "num_draft_layers", "block_size", "num_anchors", "loss_decay_gamma", "backend")})
     assert d.fc.weight.is_meta and not d.inv_freq.is_meta
     d = d.to_empty(device="cpu")
     d.reset_parameters()
-    ref = make_drafter("qwen3", "d2", layers=1)
     d.load_state_dict(ref.state_dict())
     batch = make_batch(d)
     kw = dict(anchors=batch[3], keep=batch[4], prefix_lens=batch[5])
