@@ -12,4 +12,5 @@ def test_readme_example_runs():
     scope: dict = {}
     exec(compile(blocks[0], "README.md", "exec"), scope)
     assert torch.isfinite(scope["loss"]).item()
-    assert scope["q"].grad is not None and scope["hidden"].grad is not None
+    assert scope["hidden"].grad is not None
+    assert scope["o"].shape == scope["q"].shape and scope["x"].shape[-1] == scope["H"]
