@@ -4,37 +4,26 @@ The reference builds its own token ids, labels, weights and [slots, ctx+slots] m
 loops, materializes the logits and runs plain-torch attention, so it shares no code with
 d2kernels or d2sd beyond reading the drafter's weights by their state-dict names.
 """
-import os
+import importlib
+import math
 
+import pytest
 import torch
-
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:  # before triton is imported: without a GPU, kernels run in the Triton interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib  # noqa: E402
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-from transformers import Qwen3Config  # noqa: E402
+from transformers import Qwen3Config
 
 try:  # Gemma4 cases run only where transformers has Gemma4
     from transformers.models.gemma4 import Gemma4TextConfig
 except ImportError:
     Gemma4TextConfig = None
 
-import d2kernels  # noqa: E402
-from d2kernels import layout  # noqa: E402
-from d2sd.config import PRESETS, DrafterConfig, default_target_layer_ids, get_preset  # noqa: E402
-from d2sd.models import build_drafter, load_drafter  # noqa: E402
+import d2kernels
+from d2kernels import layout
+from d2sd.config import PRESETS, DrafterConfig, default_target_layer_ids, get_preset
+from d2sd.models import build_drafter, load_drafter
+from tests.utils import rel_err
 
+HAS_CUDA = torch.cuda.is_available()  # without one, tests/conftest.py runs Triton in the interpreter
 SEED = 1234
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (the one error measure of the test suite)."""
-    out, ref = out.detach().double(), ref.detach().double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 # ----------------------------------------------------------------------------- tiny targets
