@@ -383,7 +383,10 @@ def test_build_drafter_rejects_unknown_argument_and_accepts_layer_minus_one():
 def test_default_target_layer_ids_follow_published_configs():
     assert default_target_layer_ids(36, 5) == [1, 9, 17, 25, 33]
     assert default_target_layer_ids(40, 5) == [1, 10, 19, 28, 37]
-    assert default_target_layer_ids(4, 3) == [0, 2, 3] or default_target_layer_ids(4, 3) == [0, 2, 3]
+    assert default_target_layer_ids(4, 3) == [0, 2, 3]  # span 1..1 too short: spread over all layers
+    assert default_target_layer_ids(36, 1) == [18]
+    with pytest.raises(ValueError, match="cannot pick 5"):
+        default_target_layer_ids(3, 5)
     ids = default_target_layer_ids(3, 3)
     assert ids == sorted(set(ids)) and len(ids) == 3 and ids[-1] < 3
 
