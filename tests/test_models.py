@@ -223,7 +223,7 @@ def ref_loss(d, mode, ids, th, lm, anchors, keep, prefix):
 CASES = [(f, m) for f in TARGETS for m in MODES]
 
 
-@pytest.mark.parametrize("family,mode", CASES, ids=[f"{f}-{m}-B2-S37-N5-b4-HQ4-HKV2" for f, m in CASES])
+@pytest.mark.parametrize("family,mode", CASES, ids=[f"{f}-{m}-B2-S37-N5-b4-HQ4-HKV2-D{16 if f == 'qwen3' else 24}" for f, m in CASES])
 def test_loss_and_grads_match_dense_reference(family, mode):
     d = make_drafter(family, mode)
     ids, th, lm, anchors, keep, prefix = make_batch(d)
