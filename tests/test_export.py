@@ -157,3 +157,14 @@ def test_cli_help():
     r = subprocess.run([sys.executable, "-m", "d2sd.export", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0
     assert "--format" in r.stdout and "dflash" in r.stdout and "--target" in r.stdout
+
+
+def test_cli_dflash_input_with_target_folder(tmp_path, target, capsys):
+    d = drafter_for(target)
+    d.save_pretrained(str(tmp_path / "zl"), format="dflash")
+    target.save_pretrained(str(tmp_path / "target"))
+    assert export_main([str(tmp_path / "zl"), str(tmp_path / "ds"), "--format", "deepspec"]) == 2
+    assert "--target" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "zl"), str(tmp_path / "ds"), "--format", "deepspec",
+                        "--target", str(tmp_path / "target")]) == 0
+    assert torch.equal(probe(d), probe(load_drafter(str(tmp_path / "ds"))))

@@ -116,7 +116,7 @@ def _default_mask_token_id(tc: Any, family: str) -> int:
         return mid
     if family == "qwen3" and tc.vocab_size > QWEN3_MASK_TOKEN_ID:
         return QWEN3_MASK_TOKEN_ID
-    # Any fixed id works as [MASK] (the embedding is frozen); the last row is never a real token.
+    # Any fixed id can serve as [MASK]: its frozen embedding is just the constant input of masked slots.
     return tc.vocab_size - 1
 
 

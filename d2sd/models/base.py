@@ -79,7 +79,8 @@ class Drafter(nn.Module):
         self.layers = nn.ModuleList(self.make_layer(i) for i in range(config.num_draft_layers))
         self.norm = self.make_norm(H)
         self.lm_head = nn.Linear(H, V, bias=False)
-        self.inv_freq, self.rope_scaling = self.rope_frequencies()
+        with torch.device("cpu"):  # real values even under a meta / cuda default-device context
+            self.inv_freq, self.rope_scaling = self.rope_frequencies()
         self.reset_parameters()
         self.freeze_target_parts()
 
