@@ -2,7 +2,7 @@
 
 Shape: 5-layer Qwen3-4B drafter (hidden 2560, 32/8 heads, head_dim 128, intermediate 9728,
 vocab 151936), D2 on, S=4096, N=512, B=7, bf16, local batch 1. Providers:
-``d2kernels`` (this package) and ``reference`` (compiled flex_attention + create_block_mask every
+``d2kernels`` (this package), ``d2kernels-compiled`` (decoder layers torch.compile'd) and ``reference`` (compiled flex_attention + create_block_mask every
 step, ``nn.Embedding`` of an id tensor, materialized logits + compiled ``F.cross_entropy``).
 ``extra_info`` carries tokens/s, peak memory and the largest power-of-two local batch that fits.
 The same table prints from ``python scripts/gpu_train_step.py``.
@@ -16,7 +16,7 @@ from d2sd.models.reference import ReferenceOps, TrainStep, largest_batch, make_b
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 S, N, B, BT = 4096, 512, 7, 1
-PROVIDERS = ["d2kernels", "reference"]
+PROVIDERS = ["d2kernels", "d2kernels-compiled", "reference"]
 
 
 @pytest.fixture(scope="module")

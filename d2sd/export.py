@@ -33,10 +33,10 @@ def export_checkpoint(ckpt: str, out: str, format: str, target=None) -> str:
 
 
 def _load_target(path: str):
-    import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # Only embed_tokens / lm_head are read: keep the checkpoint's dtype, on CPU.
+    return AutoModelForCausalLM.from_pretrained(path, dtype="auto")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -57,7 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         src = export_checkpoint(args.ckpt, args.out, args.format, target=target)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        hint = " (here: --target TARGET_DIR)" if target is None and "pass the target" in str(e) else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
         return 2
     print(f"wrote {args.format} drafter to {args.out} (from {src} checkpoint {args.ckpt})")
     return 0

@@ -216,15 +216,15 @@ def load_target_model(run: Run, device: torch.device):
     if path is None:
         from .assets import tiny_target_path
 
-        path = str(tiny_target_path())
-    local = Path(os.path.expanduser(path))
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
-    if not local.exists() and looks_local:
-        raise UsageError(f"target path {path} does not exist (pass a model dir or a hub id like Qwen/Qwen3-8B)")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        path = tiny_target_path()
+    path = os.path.expanduser(str(path))
+    if not Path(path).exists():
+        raise UsageError(f"target path {path} does not exist (pass a Hugging Face model dir with --target)")
+    # bf16 on GPU; with a cache the target is never run (only its embeddings are copied): bf16 too.
+    dtype = torch.bfloat16 if device.type == "cuda" or run.cache else torch.float32
     try:
-        model, tokenizer = load_target(str(local) if local.exists() else path, device, dtype)
-    except OSError as e:
+        model, tokenizer = load_target(path, device, dtype)
+    except (OSError, ValueError) as e:
         raise UsageError(f"cannot load target {path}: {e}") from None
     model.eval().requires_grad_(False)
     return model, tokenizer
@@ -259,50 +259,91 @@ def check_target_matches(run: Run, model) -> None:
             )
 
 
-def load_examples(run: Run, target, tokenizer) -> list[dict]:
-    """Tokenized training records ``{input_ids, loss_mask[, target_hidden]}``; prints what was dropped."""
+def load_examples(run: Run, target, tokenizer):
+    """Training samples ``{input_ids, loss_mask[, target_hidden]}`` (a list, or a lazy cache view)."""
     from . import data
 
     t = run.train
     try:
         if run.cache is not None:
-            examples = _cache_examples(run)
-        elif run.data is not None:
+            return _cache_samples(run, target)
+        if run.data is not None:
             if not Path(run.data).is_file():
                 raise UsageError(f"--data {run.data}: no such file")
-            examples = data.load_chat_jsonl(run.data, tokenizer, t.max_length)
+            samples, stats = data.load_chat_jsonl(run.data, tokenizer, t.max_length)
         else:
-            prompts = data.builtin_prompts()
-            log(f"target regenerates {len(prompts)} built-in responses (max {t.max_new_tokens} new tokens)")
-            records = data.generate_responses(target, tokenizer, prompts, t.max_new_tokens)
-            examples = data.tokenize_records(records, tokenizer, t.max_length)
-    except (ValueError, KeyError) as e:
+            log(f"the target regenerates {EMBEDDED_PROMPTS} built-in responses (max {t.max_new_tokens} new tokens)")
+            records = data.default_corpus(EMBEDDED_PROMPTS, seed=t.seed, target=target, tokenizer=tokenizer,
+                                          max_new_tokens=t.max_new_tokens)
+            samples, stats = _tokenize_records(records, tokenizer, t.max_length)
+    except ValueError as e:
         raise UsageError(str(e)) from None
-    stats = getattr(examples, "stats", None)
-    if stats:
-        log("data: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
-    examples = [e for e in examples if int(torch.as_tensor(e["loss_mask"]).sum()) >= 2]
-    if not examples:
-        raise UsageError("no training record has two or more assistant tokens to anchor on")
-    return examples
+    log("data: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.items()))
+    if stats.get("skipped_no_assistant"):
+        log(f"skipped {stats['skipped_no_assistant']} record(s) with no assistant tokens")
+    if stats.get("truncated"):
+        log(f"truncated {stats['truncated']} record(s) to --max-length {t.max_length}")
+    if not samples:
+        raise UsageError("no training record has an assistant token to learn from")
+    return samples
 
 
-def _cache_examples(run: Run) -> list[dict]:
-    from .data import TargetCache
+EMBEDDED_PROMPTS = 64
 
-    if not Path(run.cache).exists():
-        raise UsageError(f"--cache {run.cache}: no such directory")
-    cache = TargetCache(run.cache)
-    out = []
-    for i in range(len(cache)):
-        rec = cache[i]
-        S = min(len(rec["input_ids"]), run.train.max_length)
-        out.append({
-            "input_ids": torch.as_tensor(rec["input_ids"])[:S],
-            "loss_mask": torch.as_tensor(rec["loss_mask"])[:S],
-            "target_hidden": torch.as_tensor(rec["target_hidden"])[:S],
-        })
-    return out
+
+def _tokenize_records(records, tokenizer, max_length: int) -> tuple[list[dict], dict]:
+    """In-memory chat records -> samples, with the same stats as ``data.load_chat_jsonl``."""
+    from .data import tokenize_chat
+
+    samples, stats = [], {"records": len(records), "samples": 0, "skipped_no_assistant": 0, "truncated": 0}
+    for r in records:
+        s = tokenize_chat(r, tokenizer, None)
+        if len(s["input_ids"]) > max_length:
+            stats["truncated"] += 1
+            s = {k: v[:max_length] for k, v in s.items()}
+        if int(s["loss_mask"].sum()) == 0:
+            stats["skipped_no_assistant"] += 1
+            continue
+        samples.append(s)
+    stats["samples"] = len(samples)
+    return samples, stats
+
+
+class _CacheSamples:
+    """Lazy view of a TargetCache: samples cut to ``max_length``, read when a batch needs them."""
+
+    def __init__(self, cache, max_length: int):
+        self.cache, self.max_length = cache, max_length
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.cache[i]
+        return {k: rec[k][: self.max_length] for k in ("input_ids", "loss_mask", "target_hidden")}
+
+
+def _cache_samples(run: Run, target) -> _CacheSamples:
+    from .cache import TargetCache
+
+    try:
+        cache = TargetCache(run.cache)
+    except FileNotFoundError as e:
+        raise UsageError(f"--cache {run.cache}: {e}") from None
+    want = list(run.drafter_args.get("target_layer_ids") or [])
+    if not want:
+        run.drafter_args["target_layer_ids"] = list(cache.target_layer_ids)
+    elif list(cache.target_layer_ids) != want:
+        raise UsageError(
+            f"--cache {run.cache} holds target layers {cache.target_layer_ids}, the drafter wants {want} "
+            f"(pass --target-layer-ids {' '.join(map(str, cache.target_layer_ids))} or rebuild the cache)"
+        )
+    H = _target_dims(target)[0]
+    if cache.hidden_size != H:
+        raise UsageError(f"--cache {run.cache} was made by a target with hidden size {cache.hidden_size}; "
+                         f"this target has {H}")
+    log(f"cache {run.cache}: {len(cache)} samples, layers {cache.target_layer_ids}, hidden {cache.hidden_size}")
+    return _CacheSamples(cache, run.train.max_length)
 
 
 # ============================================================================ batches
@@ -365,25 +406,11 @@ class Batcher:
         self.epoch, self.cursor = s["epoch"], s["cursor"]
 
 
-def collate(records: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest record: ``input_ids, loss_mask, attention_mask [b, S]`` (+ ``target_hidden``)."""
-    S = max(len(r["input_ids"]) for r in records)
-    b = len(records)
-    ids = torch.full((b, S), pad_id, dtype=torch.long)
-    lm = torch.zeros(b, S, dtype=torch.long)
-    am = torch.zeros(b, S, dtype=torch.long)
-    for i, r in enumerate(records):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.as_tensor(r["input_ids"])
-        lm[i, :n] = torch.as_tensor(r["loss_mask"])
-        am[i, :n] = 1
-    batch = {"input_ids": ids.to(device), "loss_mask": lm.to(device), "attention_mask": am.to(device)}
-    if "target_hidden" in records[0]:
-        th = torch.zeros(b, S, records[0]["target_hidden"].shape[-1], dtype=records[0]["target_hidden"].dtype)
-        for i, r in enumerate(records):
-            th[i, : len(r["input_ids"])] = r["target_hidden"]
-        batch["target_hidden"] = th.to(device)
-    return batch
+def collate(samples: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """``data.collate`` (right padding, loss_mask 0 on pads), moved to ``device``."""
+    from .data import collate as pad_batch
+
+    return {k: v.to(device, non_blocking=True) for k, v in pad_batch(samples, pad_id).items()}
 
 
 def online_features(target, layer_ids: list[int]) -> Callable[[dict], torch.Tensor]:
@@ -629,7 +656,10 @@ class Metrics:
         a2.plot(steps, [r["acc"] for r in self.rows], label="all slots")
         B = len(self.rows[-1]["acc_per_slot"])
         for k in range(B):
-            a2.plot(steps, [r["acc_per_slot"][k] for r in self.rows], lw=0.8, alpha=0.6, label=f"slot {k}")
+            ys = [r["acc_per_slot"][k] for r in self.rows]
+            if any(y is not None for y in ys):
+                ys = [float("nan") if y is None else y for y in ys]
+                a2.plot(steps, ys, lw=0.8, alpha=0.6, label=f"slot {k}")
         a2.set(xlabel="step", ylabel="accuracy", title="supervised-slot accuracy")
         a2.legend(fontsize=7)
         fig.tight_layout()
@@ -692,7 +722,8 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.time() - ts
-            acc_slot = (s.correct.double() / s.count.clamp_min(1).double()).tolist()
+            # None where a slot is never supervised (e.g. D2 prefix slots 0 and 1).
+            acc_slot = [c / n if n else None for c, n in zip(s.correct.tolist(), s.count.tolist())]
             acc = float(s.correct.sum()) / max(1, int(s.count.sum()))
             bar.update(1)
             bar.set_postfix(loss=f"{s.loss:.3f}", acc=f"{acc:.3f}", tok_s=f"{s.tokens / dt:.0f}")
@@ -719,7 +750,7 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
 def report(run: Run, result: dict) -> None:
     rows = result["metrics"].rows
     if rows:
-        k = max(1, len(rows) // 10)
+        k = max(1, min(3, len(rows) // 4))
         first = sum(r["loss"] for r in rows[:k]) / k
         final = sum(r["loss"] for r in rows[-k:]) / k
         log(f"{result['step']} steps in {result['seconds']:.1f}s; loss {first:.3f} -> {final:.3f} "
@@ -740,12 +771,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         info = ddist.setup(run.device)
         random.seed(run.train.seed)
         np.random.seed(run.train.seed)
-        target, tokenizer = load_target_model(run, info.device)
+        # With an offline cache the target only lends its embeddings / lm_head: keep it on the CPU.
+        target, tokenizer = load_target_model(run, torch.device("cpu") if run.cache else info.device)
         check_target_matches(run, target)
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         examples = load_examples(run, target, tokenizer)
         drafter, model = build_model(run, target, info)
-        features = online_features(target, list(drafter.config.target_layer_ids))
+        features = online_features(None if run.cache else target, list(drafter.config.target_layer_ids))
+        if run.cache:
+            del target
         optimizer = make_optimizer(model, run.train)
         scheduler = make_scheduler(optimizer, run.train)
         batcher = Batcher(len(examples), run.train.global_batch_size, run.train.micro_batch_size,

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, Qwen3Config, Qwen3ForCausalLM
-from transformers.models.gemma4 import Gemma4TextConfig
 
 from d2sd.export import main as export_main
 from d2sd.models import build_drafter, load_drafter
@@ -95,13 +94,14 @@ def test_dflash_refuses_shifted_and_gemma_drafters(tmp_path, target):
     d.save_pretrained(str(tmp_path / "ds"))
     assert export_main([str(tmp_path / "ds"), str(tmp_path / "zl"), "--format", "dflash"]) == 2
     assert not os.path.exists(tmp_path / "zl")
+    with pytest.raises(ValueError, match="format must be"):
+        d.save_pretrained(str(tmp_path / "y"), format="eagle")
+    Gemma4TextConfig = pytest.importorskip("transformers.models.gemma4").Gemma4TextConfig
     g = build_drafter(Gemma4TextConfig(hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=2,
                                        num_key_value_heads=1, head_dim=8, global_head_dim=16, vocab_size=29,
                                        hidden_size_per_layer_input=0), num_draft_layers=1)
     with pytest.raises(ValueError, match="Qwen3 drafter"):
         g.save_pretrained(str(tmp_path / "g"), format="dflash")
-    with pytest.raises(ValueError, match="format must be"):
-        d.save_pretrained(str(tmp_path / "y"), format="eagle")
 
 
 def test_dflash_needs_target(tmp_path, target):
@@ -157,3 +157,14 @@ def test_cli_help():
     r = subprocess.run([sys.executable, "-m", "d2sd.export", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0
     assert "--format" in r.stdout and "dflash" in r.stdout and "--target" in r.stdout
+
+
+def test_cli_dflash_input_with_target_folder(tmp_path, target, capsys):
+    d = drafter_for(target)
+    d.save_pretrained(str(tmp_path / "zl"), format="dflash")
+    target.save_pretrained(str(tmp_path / "target"))
+    assert export_main([str(tmp_path / "zl"), str(tmp_path / "ds"), "--format", "deepspec"]) == 2
+    assert "--target" in capsys.readouterr().err
+    assert export_main([str(tmp_path / "zl"), str(tmp_path / "ds"), "--format", "deepspec",
+                        "--target", str(tmp_path / "target")]) == 0
+    assert torch.equal(probe(d), probe(load_drafter(str(tmp_path / "ds"))))

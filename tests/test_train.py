@@ -290,3 +290,74 @@ def test_batcher_is_a_resumable_rank_split_of_one_order(n, gbs, mbs, world):
     # Every record is seen once per epoch.
     flat = [k for s in single for _, m in s for k in m]
     assert sorted(flat[:n]) == list(range(n))
+
+
+@pytest.fixture(scope="module")
+def target_cache(tmp_path_factory):
+    from d2sd.assets import tiny_target_path
+    from d2sd.cache import write_cache
+    from d2sd.data import builtin_records, tokenize_chat
+    from d2sd.target import load_target
+
+    model, tok = load_target(tiny_target_path())
+    samples = [tokenize_chat(r, tok, 96) for r in builtin_records(6, seed=4)]
+    out = tmp_path_factory.mktemp("cache") / "c"
+    write_cache(out, model, tok, samples, layer_ids=[0, 2], progress=False)
+    return out
+
+
+def test_trains_from_an_offline_cache(target_cache, tmp_path):
+    out = tmp_path / "run"
+    args = ["--cache", str(target_cache), "--out", str(out), "--max-steps", "3", "--global-batch-size", "2",
+            "--micro-batch-size", "2", "--num-anchors", "8", "--log-every", "1"]
+    assert train.main(args) == 0
+    losses = _losses(out)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) and v > 0 for v in losses.values())
+    state = ckpt.load_trainer_state(ckpt.list_checkpoints(out / "checkpoints")[-1])
+    assert state["drafter_config"]["target_layer_ids"] == [0, 2]
+
+
+def test_cache_layers_must_match(target_cache, tmp_path, capsys):
+    err = _main_error(["--cache", str(target_cache), "--target-layer-ids", "1", "3", "--out", str(tmp_path)], capsys)
+    assert "holds target layers [0, 2], the drafter wants [1, 3]" in err
+
+
+def test_resume_with_a_different_target_is_refused(reference_run, tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from d2sd.assets import tiny_target_path
+
+    cfg = AutoConfig.from_pretrained(tiny_target_path())
+    cfg.hidden_size, cfg.head_dim = 64, 16
+    other = tmp_path / "other-target"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_target_path()).save_pretrained(other)
+    err = _main_error(["--resume", str(reference_run[0]), "--target", str(other)], capsys)
+    assert "trained on a target with hidden 128" in err and "has hidden 64" in err
+
+
+def test_skipped_and_truncated_records_are_counted_and_reported(tmp_path, capsys):
+    data = tmp_path / "mixed.jsonl"
+    long_answer = " ".join(["Tom gets 7 more apples ."] * 40)
+    records = [_chat(*QUESTIONS[0]), {"messages": [{"role": "user", "content": "no answer here"}]},
+               _chat(QUESTIONS[1][0], long_answer), _chat(*QUESTIONS[2])]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["--data", str(data), "--out", str(tmp_path / "r"), "--max-steps", "1", "--max-length", "64",
+            "--global-batch-size", "1", "--micro-batch-size", "1", "--num-anchors", "4"]
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 record(s) with no assistant tokens" in out
+    assert "truncated 1 record(s) to --max-length 64" in out
+    assert "records 4, samples 3" in out
+
+
+def test_embedded_default_regenerates_responses_with_the_target(tmp_path, capsys):
+    args = ["--out", str(tmp_path / "r"), "--max-steps", "2", "--max-new-tokens", "8", "--save-every", "0",
+            "--log-every", "1"]
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"the target regenerates {train.EMBEDDED_PROMPTS} built-in responses" in out
+    assert f"samples {train.EMBEDDED_PROMPTS}" in out
+    assert sorted(_losses(tmp_path / "r")) == [1, 2]
+    state = ckpt.load_trainer_state(ckpt.list_checkpoints(tmp_path / "r" / "checkpoints")[-1])
+    assert state["drafter_config"]["enable_d2_feature"] is True and state["drafter_config"]["backend"] == "auto"

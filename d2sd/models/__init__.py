@@ -28,6 +28,8 @@ DRAFT_ARGS = (
     "enable_d2_feature", "d2_prefix_weight_base", "loss_decay_gamma", "dflash_labels", "backend",
 )
 
+NONE_IS_A_VALUE = ("loss_decay_gamma", "final_logit_softcapping", "attn_scale")
+
 
 def drafter_class(model_type: str) -> type[Drafter]:
     if model_type == "qwen3":
@@ -89,7 +91,8 @@ def drafter_config_from_target(target_config: Any, **draft_args) -> DrafterConfi
     unknown = set(draft_args) - {f for f in DrafterConfig.__dataclass_fields__}
     if unknown:
         raise TypeError(f"build_drafter got unknown argument(s) {sorted(unknown)}; known: {list(DRAFT_ARGS)}")
-    args = {k: v for k, v in draft_args.items() if v is not None}
+    # None means "the default" except where None is itself a setting (no decay, no softcap, default scale).
+    args = {k: v for k, v in draft_args.items() if v is not None or k in NONE_IS_A_VALUE}
     args.setdefault("num_draft_layers", 5)
     n_layers = args["num_draft_layers"]
     if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1:
@@ -113,7 +116,7 @@ def _default_mask_token_id(tc: Any, family: str) -> int:
         return mid
     if family == "qwen3" and tc.vocab_size > QWEN3_MASK_TOKEN_ID:
         return QWEN3_MASK_TOKEN_ID
-    # Any fixed id works as [MASK] (the embedding is frozen); the last row is never a real token.
+    # Any fixed id can serve as [MASK]: its frozen embedding is just the constant input of masked slots.
     return tc.vocab_size - 1
 
 

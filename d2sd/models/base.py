@@ -79,7 +79,8 @@ class Drafter(nn.Module):
         self.layers = nn.ModuleList(self.make_layer(i) for i in range(config.num_draft_layers))
         self.norm = self.make_norm(H)
         self.lm_head = nn.Linear(H, V, bias=False)
-        self.inv_freq, self.rope_scaling = self.rope_frequencies()
+        with torch.device("cpu"):  # real values even under a meta / cuda default-device context
+            self.inv_freq, self.rope_scaling = self.rope_frequencies()
         self.reset_parameters()
         self.freeze_target_parts()
 
@@ -142,11 +143,18 @@ class Drafter(nn.Module):
         Bt, S = ctx.shape[:2]
         pos_ctx = torch.arange(S, device=ctx.device)[None]  # [1, S]
         pos_draft = layout.draft_positions(anchors, block_size)  # [Bt, N*B]
-        rope_ctx = rope_cos_sin(self.inv_freq, self.rope_scaling, pos_ctx, x.dtype)
-        rope_draft = rope_cos_sin(self.inv_freq, self.rope_scaling, pos_draft, x.dtype)
+        inv_freq = self._inv_freq_on(ctx.device)
+        rope_ctx = rope_cos_sin(inv_freq, self.rope_scaling, pos_ctx, x.dtype)
+        rope_draft = rope_cos_sin(inv_freq, self.rope_scaling, pos_draft, x.dtype)
         for layer in self.layers:
             x = layer(x, ctx, rope_draft, rope_ctx, anchors, keep, block_size)
         return self.norm(x)
+
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """fp32 RoPE frequencies on ``device``, copied once per device (not a buffer: .to(bf16) must not round them)."""
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+        return self.inv_freq
 
     def _scale_embeddings(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.embed_scale != 1.0:

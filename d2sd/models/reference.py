@@ -32,6 +32,7 @@ __all__ = [
     "tiny_target_config",
     "make_batch",
     "TrainStep",
+    "PROVIDERS",
     "measure",
     "largest_batch",
 ]
@@ -115,7 +116,7 @@ def reference_loss(
     ctx = drafter._context(target_hidden)  # [Bt, S, H]
     mask = ops.block_mask(anchors, keep, S, NB, B)
     pos = torch.cat([torch.arange(S, device=x.device).expand(Bt, S), layout.draft_positions(anchors, B)], 1)  # [Bt, S+NB]
-    cos, sin = rope_cos_sin(drafter.inv_freq, drafter.rope_scaling, pos, x.dtype)  # [Bt, S+NB, D]
+    cos, sin = rope_cos_sin(drafter._inv_freq_on(x.device), drafter.rope_scaling, pos, x.dtype)  # [Bt, S+NB, D]
     cos_q, sin_q = cos[:, S:], sin[:, S:]
     for layer in drafter.layers:
         att = layer.self_attn
@@ -176,9 +177,17 @@ def make_batch(cfg, Bt: int, S: int, device, dtype, seed: int = 0):
     return ids, th, lm, anchors, keep, prefix
 
 
+PROVIDERS = ("d2kernels", "d2kernels-compiled", "reference")
+
+
 @dataclass
 class TrainStep:
-    """One full optimizer step (fwd, bwd, AdamW) of ``provider`` ('d2kernels' | 'reference')."""
+    """One full optimizer step (fwd, bwd, AdamW) of ``provider``.
+
+    ``d2kernels``: the drafter as is. ``d2kernels-compiled``: each decoder layer ``torch.compile``'d
+    (fuses the norms, RoPE and the MLP gate; the d2kernels ops stay opaque custom ops).
+    ``reference``: ``reference_loss`` with ``ops``.
+    """
 
     drafter: Drafter
     provider: str
@@ -186,13 +195,18 @@ class TrainStep:
     lr: float = 1e-4
 
     def __post_init__(self):
+        if self.provider not in PROVIDERS:
+            raise ValueError(f"provider must be one of {PROVIDERS}, got {self.provider!r}")
+        if self.provider == "d2kernels-compiled":
+            for layer in self.drafter.layers:
+                layer.compile()
         params = [p for p in self.drafter.parameters() if p.requires_grad]
         fused = params[0].is_cuda
         self.opt = torch.optim.AdamW(params, lr=self.lr, fused=fused)
 
     def loss(self, batch) -> torch.Tensor:
         ids, th, lm, anchors, keep, prefix = batch
-        if self.provider == "d2kernels":
+        if self.provider != "reference":
             out = self.drafter(ids, th, lm, anchors=anchors, keep=keep, prefix_lens=prefix)
             num, den = out.loss_num, out.loss_den
         else:
@@ -242,7 +256,9 @@ def largest_batch(try_step: Callable[[int], None], limit: int = 64) -> int:
     while bt <= limit:
         try:
             try_step(bt)
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as e:  # OutOfMemoryError, or OOM wrapped by a compiled region
+            if "out of memory" not in str(e).lower():
+                raise
             break
         finally:
             torch.cuda.empty_cache()
