@@ -109,11 +109,11 @@ def encode_prompt(tokenizer, item: Any) -> list[int]:
         messages = [{"role": "user", "content": item}]
     elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
         messages = [{"role": "user", "content": item["prompt"]}]
-    elif isinstance(item, dict) and isinstance(item.get("messages") or item.get("conversations"), list):
-        turns = item.get("messages") or item.get("conversations")
-        messages = [{"role": t.get("role", t.get("from")), "content": t.get("content", t.get("value"))} for t in turns]
-        messages = [{"role": {"human": "user", "gpt": "assistant"}.get(m["role"], m["role"]), "content": m["content"]}
-                    for m in messages]
+    elif isinstance(item, dict) and ("messages" in item or "conversations" in item):
+        from .data import _messages
+
+        # the training data's parser: same role aliases and content-part handling
+        messages = _messages(item)
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages:

@@ -456,3 +456,18 @@ def test_cli_bad_drafters_exit_2(tiny, tmp_path, capsys, case, match):
     assert main(args) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_encode_prompt_formats(tiny):
+    from d2sd.eval import encode_prompt
+
+    _, tok, _ = tiny
+    plain = encode_prompt(tok, "Tom has 3 apples .")
+    assert encode_prompt(tok, {"prompt": "Tom has 3 apples ."}) == plain
+    chat = {"messages": [{"role": "user", "content": "Tom has 3 apples ."}, {"role": "assistant", "content": "x"}]}
+    assert encode_prompt(tok, chat) == plain, "a trailing assistant turn is dropped"
+    sharegpt = {"conversations": [{"from": "human", "value": [{"type": "text", "text": "Tom has 3 apples ."}]}]}
+    assert encode_prompt(tok, sharegpt) == plain
+    assert tok.decode(plain).endswith("<|im_start|>assistant\n"), "generation prompt appended"
+    with pytest.raises(ValueError, match="'prompt', 'messages' or 'conversations'"):
+        encode_prompt(tok, {"text": "no"})
