@@ -399,15 +399,22 @@ def test_target_features_match_d2sd_target(tiny):
     assert rel_err(feats.flatten(1), ref) < 1e-12
 
 
-def _save_drafters(model, tmp_path, block_sizes=(7, 7), **kw):
+def _save_drafters(model, tmp_path, block_sizes=(7, 7), vp_hidden=None, **kw):
+    import copy
+
+    from d2sd.models import build_drafter
+
     n = model.config.num_hidden_layers
     paths = []
     for name, d2, b in (("dflash", False, block_sizes[0]), ("vp", True, block_sizes[1])):
-        from d2sd.models import build_drafter
-
-        d = build_drafter(model.config, num_draft_layers=1, block_size=b, target_layer_ids=[0, n - 1],
+        cfg = model.config
+        if d2 and vp_hidden is not None:  # a drafter made for another target
+            cfg = copy.deepcopy(cfg)
+            cfg.hidden_size = vp_hidden
+        d = build_drafter(cfg, num_draft_layers=1, block_size=b, target_layer_ids=[0, n - 1],
                           enable_d2_feature=d2, backend="torch", **kw)
-        d.init_from_target(model)
+        if cfg is model.config:
+            d.init_from_target(model)
         d.save_pretrained(str(tmp_path / name))
         paths.append(str(tmp_path / name))
     return paths
@@ -441,14 +448,15 @@ def test_cli_end_to_end_report_and_plot(tiny, tmp_path):
 @pytest.mark.parametrize(
     "case, match",
     [("block", "block_size 7 but the VP drafter has block_size 5"), ("k", "--k must be < block size 7"),
-     ("missing", "no config.json")],
+     ("missing", "no config.json"), ("hidden", "does not fit this target: hidden_size 96 != target's 128")],
 )
 def test_cli_bad_drafters_exit_2(tiny, tmp_path, capsys, case, match):
     from d2sd.assets import tiny_target_path
     from d2sd.eval import main
 
     model, _, _ = tiny
-    dflash, vp = _save_drafters(model, tmp_path, block_sizes=(7, 5) if case == "block" else (7, 7))
+    dflash, vp = _save_drafters(model, tmp_path, block_sizes=(7, 5) if case == "block" else (7, 7),
+                                vp_hidden=96 if case == "hidden" else None)
     if case == "missing":
         vp = str(tmp_path / "nowhere")
     args = ["--target", str(tiny_target_path()), "--dflash", dflash, "--vp", vp, "--max-new-tokens", "4",
