@@ -382,7 +382,10 @@ def evaluate(
             run(m, first, min(8, max_new_tokens))
     per_ds, everything = {}, {m: [] for m in methods}
     for name, prompts in datasets.items():
-        res = {m: [run(m, p, max_new_tokens) for p in prompts] for m in methods}
+        res = {m: [] for m in methods}
+        for p in prompts:  # methods interleaved per prompt, so load drift hits them alike
+            for m in methods:
+                res[m].append(run(m, p, max_new_tokens))
         per_ds[name] = {"prompts": len(prompts),
                         "methods": {m: summarize(res[m], res["greedy"]) for m in methods}}
         for m in methods:
@@ -425,16 +428,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             from .assets import tiny_target_path
 
             target_path = str(tiny_target_path())
-        if (args.dflash is None or args.vp is None) and args.target is not None:
-            raise UsageError("with --target, pass both --dflash and --vp (drafters are only trained for the tiny target)")
+        need_dflash = any(m in ("dflash", "d2sd") for m in methods)
+        need_vp = "d2sd" in methods
+        missing = (need_dflash and args.dflash is None) or (need_vp and args.vp is None)
+        if missing and args.target is not None:
+            raise UsageError("with --target, pass --dflash (and --vp for d2sd): drafters are only trained for the tiny target")
         dflash_path, vp_path = args.dflash, args.vp
-        if dflash_path is None or vp_path is None:
-            dflash_path, vp_path = embedded_drafters(args, target_path)
+        if missing:
+            trained = embedded_drafters(args, target_path)
+            dflash_path, vp_path = dflash_path or trained[0], vp_path or trained[1]
         log(f"target {target_path} on {device} ({dtype})")
         target, tokenizer = _load_target(target_path, device, dtype)
-        need_dflash = any(m in ("dflash", "d2sd") for m in methods)
         dflash = _load_drafter(dflash_path, target, device, dtype) if need_dflash else None
-        vp = _load_drafter(vp_path, target, device, dtype) if "d2sd" in methods else None
+        vp = _load_drafter(vp_path, target, device, dtype) if need_vp else None
         datasets = load_datasets(args, tokenizer)
         eos = _eos_ids(target, tokenizer) if args.stop_at_eos else []
         t0 = time.perf_counter()
