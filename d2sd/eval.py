@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("embedded drafters (used when --dflash / --vp are not given)")
     g.add_argument("--drafter-cache", default=str(DEFAULT_DRAFTER_CACHE), help="where trained drafters are kept and reused")
     g.add_argument("--train-steps", type=int, default=1000, help="training steps of each drafter (same budget for both)")
+    g.add_argument("--train-prompts", type=int, default=1024,
+                   help="training data: the target's greedy answers to this many built-in prompts of a seed "
+                   "no evaluation set uses; 0 = d2sd.train's own embedded corpus")
     g.add_argument("--block-size", type=int, default=7, help="block size of the trained drafters")
     g.add_argument("--dflash-labels", choices=("shifted", "same"), default="shifted",
                    help="labels of the trained DFlash drafter: shifted (DeepSpec, slot k predicts a+k+1) or same")
@@ -146,6 +149,7 @@ def load_prompt_file(path: str) -> list[Any]:
 
 
 HELDOUT_SEED = 7  # a draw of the built-in prompt generator that neither drafters nor target saw
+TRAIN_SEED = 11  # the embedded drafters' training prompts: disjoint from both evaluation draws
 
 
 def _builtin_prompts(seed: Optional[int] = None) -> list[Any]:
@@ -212,7 +216,33 @@ def _latest_drafter_dir(run_dir: Path) -> Path:
     return found[-1]
 
 
-def embedded_drafters(args, target_path: str) -> tuple[str, str]:
+def _training_corpus(args, target_path: str, target, tokenizer) -> Optional[Path]:
+    """Chat JSONL of the target's answers to ``--train-prompts`` built-in prompts (made once, cached)."""
+    if args.train_prompts <= 0:
+        return None
+    from .data import default_corpus, write_chat_jsonl
+
+    digest = _file_digest(Path(target_path))
+    path = Path(args.drafter_cache) / f"corpus-n{args.train_prompts}-seed{TRAIN_SEED}-{digest}.jsonl"
+    if not path.is_file():
+        log(f"the target answers {args.train_prompts} built-in prompts (seed {TRAIN_SEED}) for training: {path}")
+        records = default_corpus(args.train_prompts, seed=TRAIN_SEED, target=target, tokenizer=tokenizer,
+                                 max_new_tokens=args.max_new_tokens)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_chat_jsonl(str(path) + ".tmp", records)
+        Path(str(path) + ".tmp").replace(path)
+    return path
+
+
+def drafter_cache_dir(args, target_path: str, name: str, corpus: Optional[Path]) -> Path:
+    """Cache dir of the embedded ``name`` ('dflash' | 'vp') drafter; the key covers every training input."""
+    tag = f"{name}-{args.dflash_labels}" if name == "dflash" else name
+    key = hashlib.sha256(json.dumps([_file_digest(Path(target_path)), tag, args.train_steps, args.block_size,
+                                     args.seed, str(corpus)]).encode()).hexdigest()[:10]
+    return Path(args.drafter_cache) / f"tiny-{tag}-b{args.block_size}-s{args.train_steps}-{key}"
+
+
+def embedded_drafters(args, target_path: str, target, tokenizer) -> tuple[str, str]:
     """Paths of a DFlash and a VP drafter for the tiny target: reused from the cache or trained now.
 
     Both train with ``d2sd.train`` (preset ``tiny``) on the same budget (``--train-steps``), block
@@ -221,12 +251,10 @@ def embedded_drafters(args, target_path: str) -> tuple[str, str]:
     """
     from . import train
 
+    corpus = _training_corpus(args, target_path, target, tokenizer)
     paths = {}
     for name, d2 in (("dflash", False), ("vp", True)):
-        tag = f"{name}-{args.dflash_labels}" if not d2 else name
-        key = hashlib.sha256(json.dumps(
-            [_file_digest(Path(target_path)), tag, args.train_steps, args.block_size, args.seed]).encode()).hexdigest()[:10]
-        root = Path(args.drafter_cache) / f"tiny-{tag}-b{args.block_size}-s{args.train_steps}-{key}"
+        root = drafter_cache_dir(args, target_path, name, corpus)
         done = root / "DONE"
         if done.is_file() and not args.retrain:
             paths[name] = done.read_text().strip()
@@ -240,6 +268,8 @@ def embedded_drafters(args, target_path: str) -> tuple[str, str]:
                 "--save-every", str(args.train_steps), "--d2" if d2 else "--no-d2"]
         if not d2:
             argv += ["--dflash-labels", args.dflash_labels]
+        if corpus is not None:
+            argv += ["--data", str(corpus)]
         if args.device:
             argv += ["--device", str(args.device)]
         log(f"training the {name} drafter ({args.train_steps} steps): python -m d2sd.train {' '.join(argv)}")
@@ -433,12 +463,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         missing = (need_dflash and args.dflash is None) or (need_vp and args.vp is None)
         if missing and args.target is not None:
             raise UsageError("with --target, pass --dflash (and --vp for d2sd): drafters are only trained for the tiny target")
-        dflash_path, vp_path = args.dflash, args.vp
-        if missing:
-            trained = embedded_drafters(args, target_path)
-            dflash_path, vp_path = dflash_path or trained[0], vp_path or trained[1]
         log(f"target {target_path} on {device} ({dtype})")
         target, tokenizer = _load_target(target_path, device, dtype)
+        dflash_path, vp_path = args.dflash, args.vp
+        if missing:
+            trained = embedded_drafters(args, target_path, target, tokenizer)
+            dflash_path, vp_path = dflash_path or trained[0], vp_path or trained[1]
         dflash = _load_drafter(dflash_path, target, device, dtype) if need_dflash else None
         vp = _load_drafter(vp_path, target, device, dtype) if need_vp else None
         datasets = load_datasets(args, tokenizer)

@@ -479,3 +479,29 @@ def test_encode_prompt_formats(tiny):
     assert tok.decode(plain).endswith("<|im_start|>assistant\n"), "generation prompt appended"
     with pytest.raises(ValueError, match="'prompt', 'messages' or 'conversations'"):
         encode_prompt(tok, {"text": "no"})
+
+
+def test_embedded_drafters_are_reused_from_the_cache(tiny, tmp_path, monkeypatch):
+    """A cached pair is loaded without training; the key changes with the training budget."""
+    from d2sd import train
+    from d2sd.assets import tiny_target_path
+    from d2sd.eval import _training_corpus, build_parser, drafter_cache_dir, embedded_drafters
+
+    model, tok, _ = tiny
+    args = build_parser().parse_args(["--drafter-cache", str(tmp_path), "--train-prompts", "3", "--max-new-tokens", "8"])
+    target = str(tiny_target_path())
+    corpus = _training_corpus(args, target, model, tok)
+    assert len(corpus.read_text().splitlines()) == 3
+    saved = dict(zip(("dflash", "vp"), _save_drafters(model, tmp_path)))
+    for name in ("dflash", "vp"):
+        root = drafter_cache_dir(args, target, name, corpus)
+        root.mkdir(parents=True)
+        (root / "DONE").write_text(saved[name] + "\n")
+
+    def no_training(argv):
+        raise AssertionError(f"trained again: {argv}")
+
+    monkeypatch.setattr(train, "main", no_training)
+    assert embedded_drafters(args, target, model, tok) == (saved["dflash"], saved["vp"])
+    longer = build_parser().parse_args(["--drafter-cache", str(tmp_path), "--train-steps", "7"])
+    assert drafter_cache_dir(longer, target, "vp", corpus) != drafter_cache_dir(args, target, "vp", corpus)
