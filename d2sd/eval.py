@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plot", default=None, help="plot path (default: next to the report, .png)")
     g = p.add_argument_group("embedded drafters (used when --dflash / --vp are not given)")
     g.add_argument("--drafter-cache", default=str(DEFAULT_DRAFTER_CACHE), help="where trained drafters are kept and reused")
-    g.add_argument("--train-steps", type=int, default=1000, help="training steps of each drafter (same budget for both)")
+    g.add_argument("--train-steps", type=int, default=300, help="training steps of each drafter (same budget for both)")
     g.add_argument("--train-prompts", type=int, default=1024,
                    help="training data: the target's greedy answers to this many built-in prompts of a seed "
                    "no evaluation set uses; 0 = d2sd.train's own embedded corpus")
