@@ -59,7 +59,8 @@ class UsageError(Exception):
 
 
 def log(msg: str) -> None:
-    print(f"[d2sd] {msg}", flush=True)
+    if os.environ.get("RANK", "0") == "0":  # one copy of each message under torchrun
+        print(f"[d2sd] {msg}", flush=True)
 
 
 # ============================================================================ config
@@ -625,6 +626,7 @@ class Metrics:
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
         except ImportError:
+            log("tensorboard is not installed: metrics go to metrics.jsonl only")
             self.tb = None
 
     def log(self, row: dict) -> None:
@@ -726,7 +728,8 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
             acc_slot = [c / n if n else None for c, n in zip(s.correct.tolist(), s.count.tolist())]
             acc = float(s.correct.sum()) / max(1, int(s.count.sum()))
             bar.update(1)
-            bar.set_postfix(loss=f"{s.loss:.3f}", acc=f"{acc:.3f}", tok_s=f"{s.tokens / dt:.0f}")
+            slots = "/".join("-" if a is None else f"{a:.2f}" for a in acc_slot)
+            bar.set_postfix(loss=f"{s.loss:.3f}", acc=f"{acc:.3f}", acc_slot=slots, tok_s=f"{s.tokens / dt:.0f}")
             if step % t.log_every == 0 or step == t.max_steps:
                 metrics.log({
                     "step": step, "loss": s.loss, "acc": acc, "acc_per_slot": acc_slot, "lr": lr,
