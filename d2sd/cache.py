@@ -96,7 +96,8 @@ class TargetCache(torch.utils.data.Dataset):
         if m["hidden_dtype"] not in HIDDEN_DTYPES:
             raise ValueError(f"{mpath}: unsupported hidden_dtype {m['hidden_dtype']!r}")
         if m["token_dtype"] != TOKEN_DTYPE or m["mask_dtype"] != MASK_DTYPE:
-            raise ValueError(f"{mpath}: expected token/mask dtypes int32/uint8, got {m['token_dtype']}/{m['mask_dtype']}")
+            raise ValueError(f"{mpath}: expected token/mask dtypes int32/uint8, "
+                             f"got {m['token_dtype']}/{m['mask_dtype']}")
         if int(m["index_record_size"]) != INDEX_RECORD_SIZE:
             raise ValueError(f"{mpath}: index_record_size {m['index_record_size']} != {INDEX_RECORD_SIZE}")
         if int(m["num_shards"]) != len(m["shards"]):

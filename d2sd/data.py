@@ -1,7 +1,8 @@
 """Chat data -> ``input_ids [S]`` / ``loss_mask [S]`` samples, batching, and a resumable sampler.
 
-A record is ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}``
-(``"conversations"`` and ShareGPT ``{"from": "human"|"gpt", "value": ...}`` turns are accepted).
+A record is ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}``;
+DeepSpec's regenerated records (``"conversations"``, extra keys ignored), ShareGPT turns
+(``{"from": "human"|"gpt", "value": ...}``) and OpenAI content-part lists are accepted too.
 ``loss_mask`` is 1 exactly on the tokens of assistant turns as the chat template renders them:
 the content and the end-of-turn token, not the template's trailing newline. Real pipelines
 regenerate the assistant turns with the target (:func:`regenerate_with_target`), so the drafter
@@ -86,6 +87,9 @@ def _messages(record: dict) -> list[dict]:
             raise ValueError(f"a turn must be an object, got {type(turn).__name__}")
         role = turn.get("role", turn.get("from"))
         content = turn.get("content", turn.get("value"))
+        if isinstance(content, list):  # OpenAI-style parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content
+                              if isinstance(p, dict) and p.get("type", "text") == "text")
         if not isinstance(role, str) or not isinstance(content, str):
             raise ValueError(f"a turn needs string 'role' and 'content', got {sorted(turn)}")
         out.append({"role": ROLE_ALIASES.get(role, role), "content": content})

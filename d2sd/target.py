@@ -175,7 +175,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
                                                    add_generation_prompt=True)
                      for p in prompts[i:i + batch_size]]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                 max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
             new = out[:, enc["input_ids"].shape[1]:]
             texts.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))

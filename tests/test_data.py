@@ -61,11 +61,16 @@ def test_tokenize_chat_masks_exactly_assistant_tokens(tok, nturns):
     assert tok.decode(ids) == tok.apply_chat_template(record["messages"], tokenize=False)
 
 
-def test_tokenize_chat_sharegpt_and_system_turns(tok):
+def test_tokenize_chat_sharegpt_deepspec_and_system_turns(tok):
     rec = {"conversations": [{"from": "system", "value": "Be brief ."}, {"from": "human", "value": "Hi ?"},
                              {"from": "gpt", "value": "Hello ."}]}
     s = tokenize_chat(rec, tok)
     assert tok.decode(s["input_ids"][s["loss_mask"].bool()]) == "Hello .<|im_end|>"
+    deepspec = {"conversations": [{"role": "user", "content": [{"type": "text", "text": "Hi ?"}]},
+                                  {"role": "assistant", "content": "Hello ."}], "status": "success"}
+    d = tokenize_chat(deepspec, tok)
+    assert tok.decode(d["input_ids"]) == "<|im_start|>user\nHi ?<|im_end|>\n<|im_start|>assistant\nHello .<|im_end|>\n"
+    assert tok.decode(d["input_ids"][d["loss_mask"].bool()]) == "Hello .<|im_end|>"
 
 
 def test_malformed_jsonl_names_file_and_line(tok, tmp_path):
