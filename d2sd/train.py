@@ -260,6 +260,18 @@ def check_target_matches(run: Run, model) -> None:
             )
 
 
+def fill_mask_token(run: Run, tokenizer) -> None:
+    """Without a preset / --mask-token-id, use the tokenizer's mask token (e.g. the tiny target's ``<|mask|>``)."""
+    if "mask_token_id" in run.drafter_args:
+        return
+    mid = tokenizer.mask_token_id
+    if mid is None:
+        mid = tokenizer.get_vocab().get("<|mask|>")
+    if mid is not None:
+        run.drafter_args["mask_token_id"] = int(mid)
+        log(f"mask token id {mid} (from the tokenizer)")
+
+
 def load_examples(run: Run, target, tokenizer):
     """Training samples ``{input_ids, loss_mask[, target_hidden]}`` (a list, or a lazy cache view)."""
     from . import data
@@ -289,7 +301,7 @@ def load_examples(run: Run, target, tokenizer):
     return samples
 
 
-EMBEDDED_PROMPTS = 64
+EMBEDDED_PROMPTS = 256
 
 
 def _tokenize_records(records, tokenizer, max_length: int) -> tuple[list[dict], dict]:
@@ -777,6 +789,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # With an offline cache the target only lends its embeddings / lm_head: keep it on the CPU.
         target, tokenizer = load_target_model(run, torch.device("cpu") if run.cache else info.device)
         check_target_matches(run, target)
+        fill_mask_token(run, tokenizer)
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         examples = load_examples(run, target, tokenizer)
         drafter, model = build_model(run, target, info)
