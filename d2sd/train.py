@@ -2,12 +2,13 @@
 
 With no arguments it runs the embedded demo: the shipped tiny Qwen3 target regenerates the
 responses of the built-in prompts, its hidden states are extracted online, and a VP drafter
-(preset ``tiny``, D2 on) trains on the CPU with the torch backend in about a minute.
+(preset ``tiny``, D2 on) trains on the CPU with the torch backend (about 30 s on 2 idle cores).
 
 Real runs name a target and data::
 
-    python -m d2sd.train --target Qwen/Qwen3-8B --data chats.jsonl --preset qwen3-8b
-    torchrun --nproc_per_node 8 -m d2sd.train --target ... --data ... --preset qwen3-8b
+    python -m d2sd.train --target /models/Qwen3-8B --data chats.jsonl --preset qwen3-8b
+    python -m d2sd.train --target /models/Qwen3-8B --cache cache/ --preset qwen3-8b
+    torchrun --nproc_per_node 8 -m d2sd.train --target ... --data ... --preset qwen3-8b [--fsdp]
     python -m d2sd.train --resume runs/qwen3-8b-20260101-120000
 
 ``main()`` is config -> data -> model -> loop; every knob has a ``--help`` line.
@@ -26,7 +27,7 @@ import signal
 import sys
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -90,9 +91,10 @@ def _add_dataclass_options(group, cls, names: dict[str, str] | None = None) -> N
     for name in names or defaults:
         f = defaults[name]
         t, optional = _field_type(cls, name)
-        help_ = (names or {}).get(name) or f.metadata.get("help", name.replace("_", " "))
-        if f.default is not dataclasses.MISSING:
-            help_ += f" (default {f.default}; a preset may set it)"
+        if names:
+            help_ = names[name] + " (default: the preset's, else derived from the target)"
+        else:
+            help_ = f.metadata.get("help", name.replace("_", " ")) + f" (default {f.default}; a preset may set it)"
         flag = "--" + name.replace("_", "-")
         origin = typing.get_origin(t) or t
         if t is bool:
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     g = p.add_argument_group("run")
-    g.add_argument("--target", help="target model dir or hub id (default: the shipped tiny Qwen3)")
+    g.add_argument("--target", help="target model dir, Hugging Face layout (default: the shipped tiny Qwen3)")
     g.add_argument("--data", help="chat JSONL file ({'messages': [...]} per line)")
     g.add_argument("--cache", help="DeepSpec-style offline target cache dir (written by python -m d2sd.cache)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="named hyperparameters (default: tiny)")
