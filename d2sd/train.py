@@ -174,6 +174,10 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
             opts["out"] = str(resume_from.parent.parent)
     else:
         opts = {k: v for k, v in given.items() if k not in NOT_REPLAYED}
+    for k in ("target", "data", "cache"):
+        # Absolute, so that --resume works from any working directory.
+        if k in given and given[k]:
+            opts[k] = os.path.abspath(os.path.expanduser(given[k]))
     preset_name = opts.get("preset", "tiny")
     preset = get_preset(preset_name)
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
