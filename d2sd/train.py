@@ -189,6 +189,8 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
     _check_train_config(train)
     out = Path(opts["out"]) if "out" in opts else Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     opts.setdefault("out", str(out))
+    if resume_from is None and ckpt.list_checkpoints(out / "checkpoints"):
+        raise UsageError(f"{out} already holds checkpoints: continue it with --resume {out}, or pick another --out")
     return Run(
         opts=opts, preset=preset_name, train=train, drafter_args=drafter_args,
         target=opts.get("target"), data=opts.get("data"), cache=opts.get("cache"), out=out,
