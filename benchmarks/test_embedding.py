@@ -1,5 +1,7 @@
 """noise_embedding benchmark: ours (Triton) vs the torch index path (draft_token_ids + F.embedding).
 
+Providers: ``ours`` = the public op (with its input validation), ``kernel`` = the Triton
+launcher alone, ``torch`` = what users run today.
 Run on a GPU: ``python -m pytest benchmarks/test_embedding.py -s``. Each case prints the median
 of ``triton.testing.do_bench`` (ms) and the bandwidth of the bytes that must move (weight rows
 read once, output written once); pytest-benchmark times the same call with a device sync.
@@ -33,11 +35,16 @@ def _providers(weight, input_ids, anchors, keep, prefix_lens, B):
     def ours():
         return noise_embedding(weight, input_ids, anchors, keep, prefix_lens, block_size=B, mask_token_id=MASK_ID, backend="triton")
 
+    def kernel():  # the launcher alone: no input validation (check_range syncs) of the public op
+        from d2kernels.embedding import triton as emb_triton
+
+        return emb_triton.noise_embedding_fwd(weight, input_ids, anchors, keep, prefix_lens, B, MASK_ID)
+
     def torch_index():
         ids = draft_token_ids(input_ids, anchors, keep, prefix_lens, B, MASK_ID)
         return F.embedding(ids, weight)
 
-    return {"ours": ours, "torch": torch_index}
+    return {"ours": ours, "kernel": kernel, "torch": torch_index}
 
 
 def _shape_id(s):
@@ -46,10 +53,11 @@ def _shape_id(s):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", ["ours", "torch"])
+@pytest.mark.parametrize("provider", ["ours", "kernel", "torch"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_noise_embedding(benchmark, shape, provider, mode):
     import triton
+
 
     Bt, S, N, B, H = shape
     weight, input_ids, anchors, keep, prefix_lens = _inputs(*shape)
@@ -60,7 +68,11 @@ def test_noise_embedding(benchmark, shape, provider, mode):
 
     def step():
         out = fn()
-        if mode == "fwd+bwd":
+        if mode == "fwd+bwd" and provider == "kernel":
+            from d2kernels.embedding import triton as emb_triton
+
+            emb_triton.noise_embedding_bwd(grad, input_ids, anchors, keep, prefix_lens, B, MASK_ID, V)
+        elif mode == "fwd+bwd":
             weight.grad = None
             out.backward(grad)
         return out
@@ -70,7 +82,7 @@ def test_noise_embedding(benchmark, shape, provider, mode):
     ms = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
     moved = 2 * Bt * N * B * H * weight.element_size()
     benchmark.extra_info.update(ms=ms, gbps=moved / ms / 1e6)
-    print(f"\nnoise_embedding {mode:7s} {_shape_id(shape)} {provider:5s} {ms:.4f} ms  {moved / ms / 1e6:.0f} GB/s (fwd bytes)")
+    print(f"\nnoise_embedding {mode:7s} {_shape_id(shape)} {provider:6s} {ms:.4f} ms  {moved / ms / 1e6:.0f} GB/s (fwd bytes)")
 
     def synced():
         step()
@@ -91,7 +103,7 @@ def test_fwd_tile_sweep(benchmark, shape, cfg, monkeypatch):
     monkeypatch.setattr(emb_triton, "_fwd_config", lambda H, R, itemsize: cfg)
     Bt, S, N, B, H = shape
     weight, input_ids, anchors, keep, prefix_lens = _inputs(*shape)
-    fn = _providers(weight, input_ids, anchors, keep, prefix_lens, B)["ours"]
+    fn = _providers(weight, input_ids, anchors, keep, prefix_lens, B)["kernel"]
     ref = F.embedding(draft_token_ids(input_ids, anchors, keep, prefix_lens, B, MASK_ID), weight)
     assert torch.equal(fn(), ref)
     ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
