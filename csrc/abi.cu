@@ -5,4 +5,4 @@
 D2K_EXPORT const char* d2k_last_error() { return d2k_error_buffer(); }
 
 // ABI version: d2kernels/cuda.py refuses a library built from other sources.
-D2K_EXPORT int d2k_abi_version() { return 1; }
+D2K_EXPORT int d2k_abi_version() { return 2; }

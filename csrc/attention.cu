@@ -105,24 +105,49 @@ __global__ void attn_fwd_kernel(AttnInputs in, void* o, float* lse) {
 }
 
 struct AttnGradInputs {
-  const void *o, *dout;
-  D2kStrides4 so, sdo;
-  const float* lse;  // [Bt, Hq, NB]
+  const void* dout;  // [Bt, NB, Hq, D], strides sdo
+  D2kStrides4 sdo;
+  const float* lse;    // [Bt, Hq, NB]
+  const float* delta;  // [Bt, Hq, NB], from attn_bwd_delta_kernel
 };
 
-// dS of (query row i, head h) against key u: P (dP - delta), with delta = do . o of the row.
-__device__ float dscore(const AttnInputs& in, const AttnGradInputs& g, int64_t b, int64_t i, int64_t h, int64_t n,
-                        int64_t anchor, int64_t u, int64_t kvh, float* p_out) {
+// P and dP = do . v of (query row i, head h) against key u.
+__device__ void prob_dprob(const AttnInputs& in, const AttnGradInputs& g, int64_t b, int64_t i, int64_t h, int64_t n,
+                           int64_t anchor, int64_t u, int64_t kvh, float* p, float* dp) {
   int64_t NB = in.N * in.B;
-  float p = expf(score(in, b, i, h, n, anchor, u, kvh) - g.lse[(b * in.Hq + h) * NB + i]);
+  *p = expf(score(in, b, i, h, n, anchor, u, kvh) - g.lse[(b * in.Hq + h) * NB + i]);
   const void* vp;
   int64_t vb, vs;
   key_row(in, b, n, anchor, u, kvh, true, &vp, &vb, &vs);
-  int64_t do_b = off4(g.sdo, b, i, h, 0);
-  float dp = row_dot(g.dout, do_b, g.sdo.s3, vp, vb, vs, in.D, in.dtype);
-  float delta = row_dot(g.dout, do_b, g.sdo.s3, g.o, off4(g.so, b, i, h, 0), g.so.s3, in.D, in.dtype);
+  *dp = row_dot(g.dout, off4(g.sdo, b, i, h, 0), g.sdo.s3, vp, vb, vs, in.D, in.dtype);
+}
+
+// One block per query row: delta = sum_u P_u dP_u (= do . o in exact arithmetic; summed from P
+// and dP in float32 so the low-precision stored o plays no part). 0 for dummy blocks.
+__global__ void attn_bwd_delta_kernel(AttnInputs in, AttnGradInputs g, float* delta) {
+  __shared__ float red[D2K_THREADS];
+  int64_t i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  int64_t NB = in.N * in.B, n = i / in.B, kvh = h / (in.Hq / in.Hkv);
+  bool kept = in.keep[b * in.N + n] != 0;
+  int64_t anchor = kept ? in.anchors[b * in.N + n] : 0;
+  int64_t L = kept ? anchor + in.B : 0;
+  float acc = 0.f;
+  for (int64_t u = threadIdx.x; u < L; u += blockDim.x) {
+    float p, dp;
+    prob_dprob(in, g, b, i, h, n, anchor, u, kvh, &p, &dp);
+    acc += p * dp;
+  }
+  acc = d2k_block_sum(acc, red);
+  if (threadIdx.x == 0) delta[(b * in.Hq + h) * NB + i] = acc;
+}
+
+// dS of (query row i, head h) against key u: P (dP - delta); also returns P.
+__device__ float dscore(const AttnInputs& in, const AttnGradInputs& g, int64_t b, int64_t i, int64_t h, int64_t n,
+                        int64_t anchor, int64_t u, int64_t kvh, float* p_out) {
+  float p, dp;
+  prob_dprob(in, g, b, i, h, n, anchor, u, kvh, &p, &dp);
   *p_out = p;
-  return p * (dp - delta);
+  return p * (dp - g.delta[(b * in.Hq + h) * in.N * in.B + i]);
 }
 
 // One block per query row: dq[d] = scale * sum_u dS_u k_u[d]; zero for dummy blocks.
@@ -248,26 +273,31 @@ D2K_EXPORT int d2k_varprefix_attention_fwd(const void* q, const int64_t* sq, con
 }
 
 // Backward: dq [Bt, NB, Hq, D], dk/dv_ctx [Bt, S, Hkv, D], dk/dv_draft [Bt, NB, Hkv, D], all
-// contiguous in the inputs' dtype; every element written. o and dout come with their strides.
+// contiguous in the inputs' dtype; every element written. dout comes with its strides; lse is the
+// forward's [Bt, Hq, NB]; delta is float32 scratch of the same shape.
 D2K_EXPORT int d2k_varprefix_attention_bwd(const void* dout, const int64_t* sdo, const void* q, const int64_t* sq,
                                            const void* k_ctx, const int64_t* skc, const void* v_ctx,
                                            const int64_t* svc, const void* k_draft, const int64_t* skd,
-                                           const void* v_draft, const int64_t* svd, const void* o,
-                                           const int64_t* so, const float* lse, int dtype, const int64_t* anchors,
-                                           const uint8_t* keep, int64_t Bt, int64_t N, int64_t B, int64_t S,
-                                           int64_t Hq, int64_t Hkv, int64_t D, float scale, void* dq, void* dk_ctx,
-                                           void* dv_ctx, void* dk_draft, void* dv_draft, int device, void* stream) {
+                                           const void* v_draft, const int64_t* svd, const float* lse, float* delta,
+                                           int dtype, const int64_t* anchors, const uint8_t* keep, int64_t Bt,
+                                           int64_t N, int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D,
+                                           float scale, void* dq, void* dk_ctx, void* dv_ctx, void* dk_draft,
+                                           void* dv_draft, int device, void* stream) {
   AttnInputs in;
   if (int st = make_inputs(&in, q, sq, k_ctx, skc, v_ctx, svc, k_draft, skd, v_draft, svd, dtype, anchors, keep, Bt,
                            N, B, S, Hq, Hkv, D, scale))
     return st;
-  if (!dout || !sdo || !o || !so || !lse || !dq || !dk_ctx || !dv_ctx || !dk_draft || !dv_draft)
+  if (!dout || !sdo || !lse || !delta || !dq || !dk_ctx || !dv_ctx || !dk_draft || !dv_draft)
     return d2k_fail(D2K_BAD_ARGUMENT, "varprefix_attention_bwd: null pointer");
   if (int st = d2k_set_device(device)) return st;
   if (Bt == 0 || Hq == 0) return D2K_OK;
-  AttnGradInputs g{o, dout, strides4(so), strides4(sdo), lse};
+  AttnGradInputs g{dout, strides4(sdo), lse, delta};
   cudaStream_t s = (cudaStream_t)stream;
-  if (N > 0) attn_bwd_dq_kernel<<<dim3((unsigned)(N * B), (unsigned)Hq, (unsigned)Bt), D2K_THREADS, 0, s>>>(in, g, dq);
+  if (N > 0) {
+    dim3 rows((unsigned)(N * B), (unsigned)Hq, (unsigned)Bt);
+    attn_bwd_delta_kernel<<<rows, D2K_THREADS, 0, s>>>(in, g, delta);
+    attn_bwd_dq_kernel<<<rows, D2K_THREADS, 0, s>>>(in, g, dq);
+  }
   attn_bwd_dkv_kernel<<<dim3((unsigned)(S + N * B), (unsigned)Hkv, (unsigned)Bt), D2K_THREADS, 0, s>>>(
       in, g, dk_ctx, dv_ctx, dk_draft, dv_draft);
   return d2k_launch_status("varprefix_attention_bwd");

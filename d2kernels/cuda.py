@@ -33,7 +33,7 @@ BUILD_HELP = (
     "or point D2KERNELS_CUDA_LIB at an existing libd2kernels_cuda.so"
 )
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/d2k_common.cuh D2kDtype
 _LIB = None
 
@@ -49,7 +49,7 @@ _SIGNATURES = {
     "d2k_decayed_ce_bwd": [_ptr, _ptr, _int, _i64, _i64, _ptr, _int, _i64, _i64, _ptr, _ptr, _ptr,
                            _i64, _i64, _i64, _f32, _ptr, _ptr, _int, _ptr],
     "d2k_varprefix_attention_fwd": [_ptr, _strides] * 5 + [_int, _ptr, _ptr] + [_i64] * 7 + [_f32, _ptr, _ptr, _int, _ptr],
-    "d2k_varprefix_attention_bwd": [_ptr, _strides] * 7 + [_ptr, _int, _ptr, _ptr] + [_i64] * 7
+    "d2k_varprefix_attention_bwd": [_ptr, _strides] * 6 + [_ptr, _ptr, _int, _ptr, _ptr] + [_i64] * 7
     + [_f32] + [_ptr] * 5 + [_int, _ptr],
 }
 
@@ -180,16 +180,17 @@ def varprefix_attention_fwd(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, bl
 
 def varprefix_attention_bwd(do, q, k_ctx, v_ctx, k_draft, v_draft, o, lse, anchors, keep, block_size, scale):
     """-> ``(dq, dk_ctx, dv_ctx, dk_draft, dv_draft)``, each shaped and typed like its input."""
-    device, stream = _device_args(do, q, k_ctx, v_ctx, k_draft, v_draft, o, lse, anchors, keep)
+    device, stream = _device_args(do, q, k_ctx, v_ctx, k_draft, v_draft, lse, anchors, keep)
     grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k_ctx, v_ctx, k_draft, v_draft))
     if q.numel() == 0 and k_ctx.numel() == 0:
         return grads
     if q.numel() == 0:
         return tuple(g.zero_() for g in grads)
     anc, kp, lse_c = _idx(anchors), _keep(keep), lse.float().contiguous()
+    delta = torch.empty_like(lse_c)  # scratch: sum_u P dP per query row (o itself is not needed)
     _call("d2k_varprefix_attention_bwd",
           _p(do), _s4(do), _p(q), _s4(q), _p(k_ctx), _s4(k_ctx), _p(v_ctx), _s4(v_ctx), _p(k_draft), _s4(k_draft),
-          _p(v_draft), _s4(v_draft), _p(o), _s4(o), _p(lse_c), _code(q), _p(anc), _p(kp),
+          _p(v_draft), _s4(v_draft), _p(lse_c), _p(delta), _code(q), _p(anc), _p(kp),
           *_attn_sizes(q, k_ctx, anchors, block_size), scale, *(_p(g) for g in grads), device, stream)
     return grads
 
