@@ -1,7 +1,8 @@
 """noise_embedding benchmark: ours (Triton) vs the torch index path (draft_token_ids + F.embedding).
 
-Providers: ``ours`` = the public op (with its input validation), ``kernel`` = the Triton
-launcher alone, ``torch`` = what users run today.
+Providers: ``ours`` = the public op (with its input validation), ``op`` = the registered custom
+op without that validation, ``kernel`` = the Triton launchers alone, ``torch`` = what users run
+today.
 Run on a GPU: ``python -m pytest benchmarks/test_embedding.py -s``. Each case prints the median
 of ``triton.testing.do_bench`` (ms) and the bandwidth of the bytes that must move (weight rows
 read once, output written once); pytest-benchmark times the same call with a device sync.
@@ -18,6 +19,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 SHAPES = [(1, 4096, 512, 7, 2560), (1, 4096, 512, 7, 4096), (1, 4096, 512, 16, 2560), (1, 4096, 512, 16, 4096)]
 V = 151936
 MASK_ID = 151669
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm_gpu():
+    """Bring the clocks up before the first timing (an idle H200 sits at a low SM clock)."""
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    for _ in range(200):
+        x @ x
+    torch.cuda.synchronize()
 
 
 def _inputs(Bt, S, N, B, H, seed=0):
@@ -40,11 +50,14 @@ def _providers(weight, input_ids, anchors, keep, prefix_lens, B):
 
         return emb_triton.noise_embedding_fwd(weight, input_ids, anchors, keep, prefix_lens, B, MASK_ID)
 
+    def op():  # the registered custom op (autograd included) without the public wrapper's checks
+        return torch.ops.d2kernels.noise_embedding_fwd(weight, input_ids, anchors, keep, prefix_lens, B, MASK_ID, "triton")
+
     def torch_index():
         ids = draft_token_ids(input_ids, anchors, keep, prefix_lens, B, MASK_ID)
         return F.embedding(ids, weight)
 
-    return {"ours": ours, "kernel": kernel, "torch": torch_index}
+    return {"ours": ours, "op": op, "kernel": kernel, "torch": torch_index}
 
 
 def _shape_id(s):
@@ -53,7 +66,7 @@ def _shape_id(s):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", ["ours", "kernel", "torch"])
+@pytest.mark.parametrize("provider", ["ours", "op", "kernel", "torch"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_noise_embedding(benchmark, shape, provider, mode):
     import triton
@@ -91,7 +104,7 @@ def test_noise_embedding(benchmark, shape, provider, mode):
     benchmark.pedantic(synced, rounds=20, warmup_rounds=3)
 
 
-@pytest.mark.parametrize("cfg", [(4, 512, 4), (8, 512, 4), (16, 512, 8), (4, 1024, 4), (8, 1024, 8), (2, 2048, 8)],
+@pytest.mark.parametrize("cfg", [(8, 512, 4), (4, 1024, 4), (8, 1024, 8), (1, 2048, 8), (2, 2048, 8), (4, 2048, 8), (2, 2048, 16)],
                          ids=lambda c: f"R{c[0]}-H{c[1]}-w{c[2]}")
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]], ids=_shape_id)
 def test_fwd_tile_sweep(benchmark, shape, cfg, monkeypatch):

@@ -30,7 +30,7 @@ needs_gpu_lib = pytest.mark.skipif(
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (||out|| when ref is all zeros); NaN never passes."""
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double(), ref.detach().double()
     if not torch.isfinite(out).all():
         return float("inf")
     den = ref.norm()

@@ -154,18 +154,14 @@ def noise_embedding_bwd_segment_kernel(
 
 
 def _fwd_config(H: int, R: int, itemsize: int) -> tuple[int, int, int]:
-    """``(BLOCK_R, BLOCK_H, num_warps)`` of the forward gather (tests monkeypatch this)."""
-    # ~8 KiB per program keeps enough wide (16 B) loads in flight without spilling registers.
-    cap = max(64, 2048 // itemsize)
-    block_h = min(triton.next_power_of_2(H), cap)
-    # Prefer a tile width dividing H (2560 = 5 x 512) so no lanes idle in a ragged last tile.
-    div = block_h
-    while div > cap // 4 and H % div:
-        div //= 2
-    if H % div == 0:
-        block_h = div
-    block_r = max(1, min(16, 8192 // (block_h * itemsize)))
-    return block_r, block_h, 4
+    """``(BLOCK_R, BLOCK_H, num_warps)`` of the forward gather (tests monkeypatch this).
+
+    Measured on an H200, bf16, N=512 (benchmarks/RESULTS_embedding.md): few wide programs with
+    8 warps win (2 x 2048 at 0.015 ms vs 8 x 512 x 4 warps at 0.024 ms for B=7, H=2560).
+    """
+    block_h = min(triton.next_power_of_2(H), max(16, 4096 // itemsize))  # <= 4 KiB of a row
+    block_r = max(1, 8192 // (block_h * itemsize))  # ~8 KiB per program
+    return min(block_r, 16), block_h, 8 if block_h * itemsize >= 2048 else 4
 
 
 def _bwd_config(R: int, H: int) -> tuple[int, int, int, int]:
