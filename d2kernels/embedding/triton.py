@@ -156,8 +156,9 @@ def noise_embedding_bwd_segment_kernel(
 def _fwd_config(H: int, R: int, itemsize: int) -> tuple[int, int, int]:
     """``(BLOCK_R, BLOCK_H, num_warps)`` of the forward gather (tests monkeypatch this).
 
-    Measured on an H200, bf16, N=512 (benchmarks/RESULTS_embedding.md): few wide programs with
-    8 warps win (2 x 2048 at 0.015 ms vs 8 x 512 x 4 warps at 0.024 ms for B=7, H=2560).
+    H200, bf16, N=512 (benchmarks/RESULTS_embedding.md): 2 rows x 2048 columns x 8 warps was the
+    fastest or tied in two sweeps (0.015 vs 0.024 ms for 8 x 512 x 4 at B=7, H=2560 in one run;
+    all tiles within noise in the other).
     """
     block_h = min(triton.next_power_of_2(H), max(16, 4096 // itemsize))  # <= 4 KiB of a row
     block_r = max(1, 8192 // (block_h * itemsize))  # ~8 KiB per program
