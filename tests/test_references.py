@@ -200,3 +200,22 @@ def test_draft_ids_match_embedding_rows():
     W = torch.eye(20)
     emb = noise_embedding(W, ids, a, keep, p, block_size=4, mask_token_id=19, backend="torch")
     assert torch.equal(emb.argmax(-1), layout.draft_token_ids(ids, a, keep, p, 4, 19))
+
+
+def test_validation_modes():
+    import d2kernels
+
+    W = torch.randn(10, 4)
+    args = (torch.randn(2, 4), W, torch.tensor([1, 10]), torch.ones(2, dtype=torch.bool), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="validation mode"):
+        d2kernels.set_validation("sometimes")
+    prev = d2kernels.set_validation("sync")
+    try:
+        with pytest.raises(ValueError, match="labels out of range"):
+            decayed_cross_entropy(*args[:2], torch.tensor([1, 10]), *args[3:], gamma=None)
+        d2kernels.set_validation("off")
+        ok_args = (torch.tensor([[0, 5]]), torch.ones(1, 2, dtype=torch.bool))
+        q, kc, kd = torch.randn(1, 6, 2, 4), torch.randn(1, 5, 1, 4), torch.randn(1, 6, 1, 4)
+        varprefix_attention(q, kc, kc, kd, kd, torch.tensor([[0, 4]]), ok_args[1], block_size=3)  # in range: fine
+    finally:
+        d2kernels.set_validation(prev)
