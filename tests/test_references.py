@@ -214,8 +214,11 @@ def test_validation_modes():
         with pytest.raises(ValueError, match="labels out of range"):
             decayed_cross_entropy(*args[:2], torch.tensor([1, 10]), *args[3:], gamma=None)
         d2kernels.set_validation("off")
-        ok_args = (torch.tensor([[0, 5]]), torch.ones(1, 2, dtype=torch.bool))
-        q, kc, kd = torch.randn(1, 6, 2, 4), torch.randn(1, 5, 1, 4), torch.randn(1, 6, 1, 4)
-        varprefix_attention(q, kc, kc, kd, kd, torch.tensor([[0, 4]]), ok_args[1], block_size=3)  # in range: fine
+        from d2kernels._checks import check_range
+
+        check_range("ids", torch.tensor([5]), 0, 3)  # off: not checked
+        d2kernels.set_validation("auto")
+        with pytest.raises(ValueError, match="ids out of range"):
+            check_range("ids", torch.tensor([5]), 0, 3)  # CPU tensors raise in auto mode
     finally:
         d2kernels.set_validation(prev)
