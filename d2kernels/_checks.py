@@ -42,8 +42,9 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 
 
 def check_range(name: str, t: torch.Tensor, low: int, high: int, where: torch.Tensor | None = None) -> None:
-    """Raise if any (selected) value is outside ``[low, high)`` (one device sync)."""
-    if t.numel() == 0:
+    """Raise if any (selected) value is outside ``[low, high)`` (one device sync; skipped while
+    ``torch.compile`` traces, where a data-dependent branch would break the graph)."""
+    if t.numel() == 0 or torch.compiler.is_compiling():
         return
     bad = (t < low) | (t >= high)
     if where is not None:
