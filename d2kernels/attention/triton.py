@@ -425,6 +425,11 @@ def _varprefix_bwd_dkdv_draft_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocator of every buffer the kernels fill (tests swap in a NaN-filled one)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _rows_contig(t: torch.Tensor) -> torch.Tensor:
     # Kernels take any strides except on head_dim, which must be unit for wide loads.
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -458,8 +463,8 @@ def varprefix_attention_fwd(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, bl
     """``o [Bt, NB, Hq, D]`` (q.dtype) and ``lse [Bt, Hq, NB]`` float32 (natural log, -inf on dummies)."""
     q, k_ctx, v_ctx, k_draft, v_draft = map(_rows_contig, (q, k_ctx, v_ctx, k_draft, v_draft))
     Bt, NB, Hq, D, S, Hkv, G, N, block_d, prec = _common(q, k_ctx, anchors, block_size)
-    o = torch.empty((Bt, NB, Hq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((Bt, Hq, NB), dtype=torch.float32, device=q.device)
+    o = _empty((Bt, NB, Hq, D), q.dtype, q.device)
+    lse = _empty((Bt, Hq, NB), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse
     sanc, perm = _sort_blocks(anchors, keep)
@@ -484,15 +489,15 @@ def varprefix_attention_bwd(do, q, k_ctx, v_ctx, k_draft, v_draft, o, lse, ancho
     lse = lse.contiguous()
     Bt, NB, Hq, D, S, Hkv, G, N, block_d, prec = _common(q, k_ctx, anchors, block_size)
     dev = q.device
-    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
-    dk_ctx = torch.empty(k_ctx.shape, dtype=k_ctx.dtype, device=dev)
-    dv_ctx = torch.empty(v_ctx.shape, dtype=v_ctx.dtype, device=dev)
-    dk_draft = torch.empty(k_draft.shape, dtype=k_draft.dtype, device=dev)
-    dv_draft = torch.empty(v_draft.shape, dtype=v_draft.dtype, device=dev)
+    dq = _empty(q.shape, q.dtype, dev)
+    dk_ctx = _empty(k_ctx.shape, k_ctx.dtype, dev)
+    dv_ctx = _empty(v_ctx.shape, v_ctx.dtype, dev)
+    dk_draft = _empty(k_draft.shape, k_draft.dtype, dev)
+    dv_draft = _empty(v_draft.shape, v_draft.dtype, dev)
     if q.numel() == 0 or k_ctx.numel() == 0:
         return tuple(t.zero_() for t in (dq, dk_ctx, dv_ctx, dk_draft, dv_draft))
     sanc, perm = _sort_blocks(anchors, keep)
-    delta = torch.empty((Bt, Hq, NB), dtype=torch.float32, device=dev)
+    delta = _empty((Bt, Hq, NB), torch.float32, dev)
     qk_scale = float(scale) * LOG2E
     common = dict(G=G, BLK=block_size, HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=prec)
 
