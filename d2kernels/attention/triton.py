@@ -38,6 +38,7 @@ class Tiles:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    split_ds: bool = False  # 16-bit inputs: ds as hi + lo halves (one more dot, ~fp32-accurate dk/dq)
 
 
 def pick_tiles(kind: str, D: int, B: int, G: int, dtype: torch.dtype) -> Tiles:
@@ -48,18 +49,18 @@ def pick_tiles(kind: str, D: int, B: int, G: int, dtype: torch.dtype) -> Tiles:
     wide = dtype == torch.float32  # fp32 tiles take twice the shared memory
     if D <= 64:
         table = {"fwd": Tiles(128, 64, 4, 3), "dq": Tiles(128, 64, 4, 3),
-                 "dkdv": Tiles(64, 128, 8, 3), "dkdv_draft": Tiles(64, 32, 4, 2)}
+                 "dkdv": Tiles(64, 128, 8, 3), "dkdv_draft": Tiles(64, 32, 4, 2, True)}
     elif D <= 128:
         table = {"fwd": Tiles(128, 64, 8, 3), "dq": Tiles(128, 64, 8, 2 if wide else 3),
-                 "dkdv": Tiles(64, 128, 8, 2 if wide else 3), "dkdv_draft": Tiles(64, 32, 4, 2)}
+                 "dkdv": Tiles(64, 128, 8, 2 if wide else 3), "dkdv_draft": Tiles(64, 32, 4, 2, True)}
     elif D <= 256:
         table = {"fwd": Tiles(64, 64, 4, 2), "dq": Tiles(64, 32, 4, 2),
-                 "dkdv": Tiles(32, 64, 4, 2), "dkdv_draft": Tiles(32, 32, 4, 1)}
+                 "dkdv": Tiles(32, 64, 4, 2), "dkdv_draft": Tiles(32, 32, 4, 1, True)}
     else:
         table = {"fwd": Tiles(32, 32, 4, 1), "dq": Tiles(32, 16, 4, 1),
-                 "dkdv": Tiles(16, 32, 8, 1), "dkdv_draft": Tiles(16, 16, 4, 1)}
+                 "dkdv": Tiles(16, 32, 8, 1), "dkdv_draft": Tiles(16, 16, 4, 1, True)}
     t = table[kind]
-    return Tiles(max(t.block_m, 16 * ((G + 15) // 16)), t.block_n, t.num_warps, t.num_stages)
+    return Tiles(max(t.block_m, 16 * ((G + 15) // 16)), t.block_n, t.num_warps, t.num_stages, t.split_ds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,14 +201,25 @@ def _varprefix_fwd_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dot_split(x, y, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``x @ y`` with fp32 ``x`` rounded to ``y``'s dtype; SPLIT adds the rounding remainder."""
+    x_hi = x.to(y.dtype)
+    r = tl.dot(x_hi, y, input_precision=DOT_PREC)
+    if SPLIT:
+        r += tl.dot((x - x_hi.to(tl.float32)).to(y.dtype), y, input_precision=DOT_PREC)
+    return r
+
+
+@triton.jit
+def _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, MASKED: tl.constexpr, SPLIT: tl.constexpr,
+             DOT_PREC: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
         p = tl.where(vis, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N]
     ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq + _dot_split(ds, k, SPLIT, DOT_PREC)
 
 
 @triton.jit
@@ -224,7 +236,7 @@ def _varprefix_bwd_dq_kernel(
     S, N, NB, HKV, scale, qk_scale,
     G: tl.constexpr, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -259,13 +271,13 @@ def _varprefix_bwd_dq_kernel(
     for j in range(0, full_end, BLOCK_N):
         k = _load_rows(p_kc + j * stride_kcs, o_n, m_d, False, EVEN_D)  # [BLOCK_N, BLOCK_D]
         v = _load_rows(p_vc + j * stride_vcs, o_n, m_d, False, EVEN_D)
-        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, None, False, DOT_PREC)
+        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, None, False, SPLIT, DOT_PREC)
     for j in range(full_end, a_max, BLOCK_N):
         kn = j + o_n
         k = _load_rows(p_kc + j * stride_kcs, kn < S, m_d, True, EVEN_D)
         v = _load_rows(p_vc + j * stride_vcs, kn < S, m_d, True, EVEN_D)
         vis = kn[None, :] < anc[:, None]
-        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, True, DOT_PREC)
+        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, True, SPLIT, DOT_PREC)
 
     d_lo = (t0 // BLK) * BLK
     d_hi = tl.minimum(((tl.minimum(t0 + SLOTS, NB) - 1) // BLK + 1) * BLK, NB)
@@ -279,7 +291,7 @@ def _varprefix_bwd_dq_kernel(
         v = _load_rows(VD + b * stride_vdb + hkv * stride_vdh + slot_k[:, None] * stride_vdt + o_d[None, :],
                        m_k, m_d, True, EVEN_D)
         vis = (sbk[None, :] == sb[:, None]) & m_k[None, :]
-        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, True, DOT_PREC)
+        dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, True, SPLIT, DOT_PREC)
 
     p_dq = DQ + b * stride_dqb + slot[:, None] * stride_dqt + hq[:, None] * stride_dqh + o_d[None, :]
     tl.store(p_dq, (dq * scale).to(DQ.dtype.element_ty), mask=valid[:, None] & m_d[None, :])
@@ -290,7 +302,8 @@ def _dkdv_step(dk, dv, k, v, kn, sbk, Q, DO, LSE, DELTA, SANC, PERM, b, hkv, t0,
                stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
                N, NB, HKV, qk_scale, t_end, m_d,
                G: tl.constexpr, BLK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MODE: tl.constexpr, DOT_PREC: tl.constexpr):
+               BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MODE: tl.constexpr, SPLIT: tl.constexpr,
+               DOT_PREC: tl.constexpr):
     """One query tile's share of ``dk, dv [BLOCK_N, BLOCK_D]``.
 
     MODE 0: context keys fully visible; 1: context keys, visible iff ``kn < anchor``;
@@ -312,10 +325,10 @@ def _dkdv_step(dk, dv, k, v, kn, sbk, Q, DO, LSE, DELTA, SANC, PERM, b, hkv, t0,
         p_t = tl.where(kn[:, None] < anc[None, :], p_t, 0.0)
     if MODE == 2:
         p_t = tl.where(sbk[:, None] == sb[None, :], p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+    dv += _dot_split(p_t, do, SPLIT, DOT_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    dk += _dot_split(ds_t, q, SPLIT, DOT_PREC)
     return dk, dv
 
 
@@ -331,7 +344,7 @@ def _varprefix_bwd_dkdv_ctx_kernel(
     S, N, NB, HKV, scale, qk_scale,
     G: tl.constexpr, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     j0 = tl.program_id(1) * BLOCK_N  # early key tiles are seen by most blocks: launched first
@@ -358,12 +371,12 @@ def _varprefix_bwd_dkdv_ctx_kernel(
         dk, dv = _dkdv_step(dk, dv, k, v, kn, kn, Q, DO, LSE, DELTA, SANC, PERM, b, hkv, t0,
                             stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
                             N, NB, HKV, qk_scale, NB, m_d,
-                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 1, DOT_PREC)
+                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 1, SPLIT, DOT_PREC)
     for t0 in range(t_mid, NB, SLOTS):
         dk, dv = _dkdv_step(dk, dv, k, v, kn, kn, Q, DO, LSE, DELTA, SANC, PERM, b, hkv, t0,
                             stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
                             N, NB, HKV, qk_scale, NB, m_d,
-                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 0, DOT_PREC)
+                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 0, SPLIT, DOT_PREC)
 
     m_st = m_k[:, None] & m_d[None, :]
     tl.store(DK + b * stride_dkb + hkv * stride_dkh + kn[:, None] * stride_dks + o_d[None, :],
@@ -384,7 +397,7 @@ def _varprefix_bwd_dkdv_draft_kernel(
     N, NB, HKV, scale, qk_scale,
     G: tl.constexpr, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     j0 = tl.program_id(1) * BLOCK_N  # first sorted draft slot of this key tile
@@ -411,7 +424,7 @@ def _varprefix_bwd_dkdv_draft_kernel(
         dk, dv = _dkdv_step(dk, dv, k, v, tk, sbk, Q, DO, LSE, DELTA, SANC, PERM, b, hkv, t0,
                             stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
                             N, NB, HKV, qk_scale, q_hi, m_d,
-                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 2, DOT_PREC)
+                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 2, SPLIT, DOT_PREC)
 
     m_st = m_k[:, None] & m_d[None, :]
     tl.store(DK + b * stride_dkb + hkv * stride_dkh + slot_k[:, None] * stride_dkt + o_d[None, :],
@@ -499,6 +512,7 @@ def varprefix_attention_bwd(do, q, k_ctx, v_ctx, k_draft, v_draft, o, lse, ancho
     sanc, perm = _sort_blocks(anchors, keep)
     delta = _empty((Bt, Hq, NB), torch.float32, dev)
     qk_scale = float(scale) * LOG2E
+    split_ok = q.dtype != torch.float32  # fp32 operands are never rounded
     common = dict(G=G, BLK=block_size, HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=prec)
 
     cfg = pick_tiles("dq", D, block_size, G, q.dtype)
@@ -507,7 +521,7 @@ def varprefix_attention_bwd(do, q, k_ctx, v_ctx, k_draft, v_draft, o, lse, ancho
         q, k_ctx, v_ctx, k_draft, v_draft, o, do, lse, delta, dq, sanc, perm,
         *_s(q), *_s(k_ctx), *_s(v_ctx), *_s(k_draft), *_s(v_draft), *_s(o), *_s(do), *_s(dq),
         S, N, NB, Hkv, float(scale), qk_scale,
-        SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+        SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_ds and split_ok, **common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -517,7 +531,7 @@ def varprefix_attention_bwd(do, q, k_ctx, v_ctx, k_draft, v_draft, o, lse, ancho
         q, k_ctx, v_ctx, do, lse, delta, dk_ctx, dv_ctx, sanc, perm,
         *_s(q), *_s(k_ctx), *_s(v_ctx), *_s(do), *_s(dk_ctx), *_s(dv_ctx),
         S, N, NB, Hkv, float(scale), qk_scale,
-        SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+        SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_ds and split_ok, **common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -527,7 +541,7 @@ def varprefix_attention_bwd(do, q, k_ctx, v_ctx, k_draft, v_draft, o, lse, ancho
         q, k_draft, v_draft, do, lse, delta, dk_draft, dv_draft, sanc, perm,
         *_s(q), *_s(k_draft), *_s(v_draft), *_s(do), *_s(dk_draft), *_s(dv_draft),
         N, NB, Hkv, float(scale), qk_scale,
-        SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
+        SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_ds and split_ok, **common,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk_ctx, dv_ctx, dk_draft, dv_draft
