@@ -120,15 +120,22 @@ def useful_pairs(anchors, keep, B, Hq) -> int:
     return int(((anchors + B) * keep).sum()) * B * Hq
 
 
-def time_shape(name, results):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    shape = SHAPES[name]
+def _rower(name, results, anchors, keep, shape):
     Bt, S, N, B, Hq, Hkv, D = shape
-    ins, anchors, keep, do = inputs(shape, torch.bfloat16, seed=2)
     pairs = useful_pairs(anchors, keep, B, Hq)
     gf = {"fwd": 4 * D * pairs / 1e9, "bwd": 10 * D * pairs / 1e9, "fwd+bwd": 14 * D * pairs / 1e9}
-    row = lambda prov, what, ms: results.append(dict(shape=name, provider=prov, op=what, ms=ms, tflops=gf[what] / ms))
+
+    def row(prov, what, ms):
+        results.append(dict(shape=name, provider=prov, op=what, ms=ms, tflops=gf[what] / ms))
+        log(f"| {name} | {prov} | {what} | {ms:.3f} | {gf[what] / ms:.0f} |")
+
+    return row, gf
+
+
+def time_ours(name, results):
+    Bt, S, N, B, Hq, Hkv, D = shape = SHAPES[name]
+    ins, anchors, keep, do = inputs(shape, torch.bfloat16, seed=2)
+    row, gf = _rower(name, results, anchors, keep, shape)
     scale = D**-0.5
     det = [t.detach() for t in ins]
 
@@ -137,8 +144,24 @@ def time_shape(name, results):
     row("ours", "fwd", bench(lambda: tri.varprefix_attention_fwd(*det, anchors, keep, B, scale)))
     row("ours", "bwd", bench(lambda: tri.varprefix_attention_bwd(do, *det, o, lse, anchors, keep, B, scale)))
     row("ours", "fwd+bwd", bench(lambda: torch.autograd.grad(ours(*ins, anchors, keep, block_size=B), ins, do)))
+
+    def raw():
+        o, lse = tri.varprefix_attention_fwd(*det, anchors, keep, B, scale)
+        return tri.varprefix_attention_bwd(do, *det, o, lse, anchors, keep, B, scale)
+
+    row("ours-launchers", "fwd+bwd", bench(raw))
     sort_ms = bench(lambda: tri._sort_blocks(anchors, keep))
-    log(f"{name}: ours done; host sort {sort_ms * 1e3:.1f} us")
+    log(f"{name}: ours done; anchor sort {sort_ms * 1e3:.1f} us")
+
+
+def time_flex(name, results):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    Bt, S, N, B, Hq, Hkv, D = shape = SHAPES[name]
+    ins, anchors, keep, do = inputs(shape, torch.bfloat16, seed=2)
+    row, gf = _rower(name, results, anchors, keep, shape)
+    scale = D**-0.5
+    det = [t.detach() for t in ins]
 
     # flex: [Bt, H, L, D] layout and concatenated keys prepared outside the timed region
     qf = det[0].transpose(1, 2).contiguous().requires_grad_()
@@ -157,10 +180,9 @@ def time_shape(name, results):
     flex = torch.compile(flex_attention)
     fl = lambda: flex(qf, kf, vf, block_mask=bm, scale=scale, enable_gqa=True)
     of = fl()
-    ref_o = ours(*det, anchors, keep, block_size=B)
+    ref_o = tri.varprefix_attention_fwd(*det, anchors, keep, B, scale)[0]
     log(f"{name}: flex vs ours rel {rel(of.transpose(1, 2), ref_o):.2e}")
     row("flex", "fwd", bench(fl))
-    row("flex", "bwd", bench(lambda: torch.autograd.grad(of, (qf, kf, vf), dof, retain_graph=True)))
     row("flex", "fwd+bwd", bench(lambda: torch.autograd.grad(fl(), (qf, kf, vf), dof)))
     row("flex+build", "fwd+bwd", bench(lambda: torch.autograd.grad(
         flex(qf, kf, vf, block_mask=build(), scale=scale, enable_gqa=True), (qf, kf, vf), dof)))
@@ -170,7 +192,6 @@ def time_shape(name, results):
     try:
         mask = varprefix_mask(anchors, keep, S, B)[:, None]  # [Bt, 1, NB, S+NB]
         sd = lambda: torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale, enable_gqa=True)
-        row("sdpa", "fwd", bench(sd))
         row("sdpa", "fwd+bwd", bench(lambda: torch.autograd.grad(sd(), (qf, kf, vf), dof)))
     except Exception as e:  # noqa: BLE001 - report and go on: a baseline, not ours
         log(f"sdpa failed: {type(e).__name__}: {e}")
@@ -178,42 +199,45 @@ def time_shape(name, results):
     torch.cuda.empty_cache()
 
 
-SWEEP = {
-    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 128, 4, 3)],
-    "dq": [(128, 64, 8, 3), (128, 64, 8, 3, True), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2)],
-    "dkdv": [(64, 128, 8, 3), (64, 128, 8, 3, True), (32, 128, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 4, 4)],
+SWEEP = {  # most promising first: the sweep may be cut short by --sweep-s
+    "dkdv": [(32, 128, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2), (32, 64, 4, 4), (64, 128, 8, 3, True)],
+    "fwd": [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 128, 4, 3)],
+    "dq": [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3, True)],
     "dkdv_draft": [(64, 32, 4, 2, True), (128, 32, 4, 2, True), (64, 64, 4, 2, True), (64, 32, 4, 2, False)],
 }
 
 
-def sweep(name, out):
+def sweep(name, out, deadline):
     Bt, S, N, B, Hq, Hkv, D = shape = SHAPES[name]
     ins, anchors, keep, do = inputs(shape, torch.bfloat16, seed=3)
     det = [t.detach() for t in ins]
     scale = D**-0.5
     o, lse = tri.varprefix_attention_fwd(*det, anchors, keep, B, scale)
     default = tri.pick_tiles
-    for kind, cfgs in SWEEP.items():
-        for c in cfgs:
-            t = tri.Tiles(*c)
-            tri.pick_tiles = lambda k, *a, kind=kind, t=t: t if k == kind else default(k, *a)
-            try:
-                if kind == "fwd":
-                    ms = bench(lambda: tri.varprefix_attention_fwd(*det, anchors, keep, B, scale))
-                else:
-                    ms = bench(lambda: tri.varprefix_attention_bwd(do, *det, o, lse, anchors, keep, B, scale))
-            except Exception as e:  # noqa: BLE001 - a config may not fit in shared memory
-                ms = math.nan
-                log(f"  {kind} {c}: {type(e).__name__}: {str(e)[:120]}")
-            finally:
-                tri.pick_tiles = default
-            out.append(dict(shape=name, kind=kind, cfg=c, ms=ms))
-            log(f"sweep {name} {kind:10s} {str(c):18s} {ms:.3f} ms")
+    order = [(kind, cfgs[i]) for i in range(max(map(len, SWEEP.values()))) for kind, cfgs in SWEEP.items() if i < len(cfgs)]
+    for kind, c in order:
+        if time.time() > deadline:
+            return
+        t = tri.Tiles(*c)
+        tri.pick_tiles = lambda k, *a, kind=kind, t=t: t if k == kind else default(k, *a)
+        try:
+            if kind == "fwd":
+                ms = bench(lambda: tri.varprefix_attention_fwd(*det, anchors, keep, B, scale))
+            else:
+                ms = bench(lambda: tri.varprefix_attention_bwd(do, *det, o, lse, anchors, keep, B, scale))
+        except Exception as e:  # noqa: BLE001 - a config may not fit in shared memory
+            ms = math.nan
+            log(f"  {kind} {c}: {type(e).__name__}: {str(e)[:120]}")
+        finally:
+            tri.pick_tiles = default
+        out.append(dict(shape=name, kind=kind, cfg=c, ms=ms))
+        log(f"sweep {name} {kind:10s} {str(c):18s} {ms:.3f} ms")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="also sweep tile sizes per kernel")
+    ap.add_argument("--sweep-s", type=float, default=1e9, help="stop the sweep this many seconds after the start")
     ap.add_argument("--skip-check", action="store_true", help="timing only")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json")
     args = ap.parse_args()
@@ -234,9 +258,11 @@ def main():
         log(f"checks {'OK' if ok else 'FAILED'} in {time.time() - t0:.0f} s")
     results, sw = [], []
     for name in SHAPES:
-        time_shape(name, results)
+        time_ours(name, results)
+    for name in SHAPES:
+        time_flex(name, results)
     if args.sweep:
-        sweep("qwen3-4b-b7", sw)
+        sweep("qwen3-4b-b7", sw, t0 + args.sweep_s)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(checks=ROWS, timing=results, sweep=sw), f, indent=1)
     log("\n| shape | provider | op | ms | useful TFLOP/s |\n|---|---|---|---|---|")

@@ -273,3 +273,14 @@ def test_torch_compile_fullgraph_captures():
     eager = run(triton_fn, ins, anchors, keep, 2.0 * do, 3)
     assert torch.equal(o.detach(), 2.0 * eager[0])
     assert all(torch.equal(a, b) for a, b in zip(grads, eager[1:]))
+
+
+def test_sort_blocks_matches_stable_sort():
+    """The one-launch rank sort equals torch's stable sort of (anchor, -1 for dummies), ties included."""
+    g = torch.Generator().manual_seed(9)
+    for Bt, N, S in [(1, 1, 3), (2, 7, 4), (3, 200, 50)]:
+        anchors = torch.randint(0, S, (Bt, N), generator=g)
+        keep = torch.rand(Bt, N, generator=g) < 0.7
+        sanc, perm = tri._sort_blocks(anchors.to(DEV), keep.to(DEV))
+        ref, idx = torch.sort(torch.where(keep, anchors, -1), dim=1, stable=True)
+        assert torch.equal(sanc.cpu().long(), ref) and torch.equal(perm.cpu().long(), idx)

@@ -433,6 +433,26 @@ def _varprefix_bwd_dkdv_draft_kernel(
              dv.to(DV.dtype.element_ty), mask=m_st)
 
 
+@triton.jit
+def _rank_sort_kernel(ANC, KEEP, SANC, PERM, N, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Stable sort of one sample's keys (anchor, -1 for dummies) by rank counting: N is small."""
+    b = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # [BLOCK_I]
+    m_i = i < N
+    key_i = tl.where(tl.load(KEEP + b * N + i, mask=m_i, other=0) != 0,
+                     tl.load(ANC + b * N + i, mask=m_i, other=0).to(tl.int32), -1)
+    rank = tl.zeros([BLOCK_I], tl.int32)
+    for j0 in range(0, N, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)  # [BLOCK_J]
+        m_j = j < N
+        key_j = tl.where(tl.load(KEEP + b * N + j, mask=m_j, other=0) != 0,
+                         tl.load(ANC + b * N + j, mask=m_j, other=0).to(tl.int32), -1)
+        before = (key_j[None, :] < key_i[:, None]) | ((key_j[None, :] == key_i[:, None]) & (j[None, :] < i[:, None]))
+        rank += tl.sum((before & m_j[None, :]).to(tl.int32), 1)  # [BLOCK_I, BLOCK_J] -> [BLOCK_I]
+    tl.store(SANC + b * N + rank, key_i, mask=m_i)
+    tl.store(PERM + b * N + rank, i, mask=m_i)
+
+
 # ----------------------------------------------------------------------------------------------
 # Host launchers
 # ----------------------------------------------------------------------------------------------
@@ -450,10 +470,14 @@ def _rows_contig(t: torch.Tensor) -> torch.Tensor:
 
 def _sort_blocks(anchors: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``sanc [Bt, N]`` int32 anchors in ascending order (dummies first, as -1) and ``perm [Bt, N]``
-    int32 (sorted position -> block)."""
-    key = torch.where(keep, anchors.long(), torch.full_like(anchors, -1, dtype=torch.long))
-    sanc, perm = torch.sort(key, dim=1, stable=True)
-    return sanc.to(torch.int32).contiguous(), perm.to(torch.int32).contiguous()
+    int32 (sorted position -> block); stable, in one launch."""
+    Bt, N = anchors.shape
+    sanc = torch.empty((Bt, N), dtype=torch.int32, device=anchors.device)
+    perm = torch.empty((Bt, N), dtype=torch.int32, device=anchors.device)
+    anchors = anchors.contiguous()
+    keep = keep.contiguous().view(torch.uint8)
+    _rank_sort_kernel[(Bt, triton.cdiv(N, 64))](anchors, keep, sanc, perm, N, BLOCK_I=64, BLOCK_J=128)
+    return sanc, perm
 
 
 def _common(q, k_ctx, anchors, block_size):
