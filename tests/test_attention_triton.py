@@ -109,6 +109,13 @@ def test_matches_reference_small_tiles(monkeypatch, case, dtype):
     compare(case, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_split_ds_and_presort_variants(monkeypatch, dtype):
+    """The optional paths: ds as hi + lo halves, and context dk/dv over presorted q/do copies."""
+    force_tiles(monkeypatch, lambda *a: tri.Tiles(16, 16, 4, 1, split_ds=True, presort=True))
+    compare((2, 37, 4, 5, 4, 2, 16), dtype, seed=2)
+
+
 @pytest.mark.parametrize("case,dtype", CPU_CASES[:1] + CPU_CASES[4:5], ids=lambda x: case_id(x) if isinstance(x, tuple) else str(x)[6:])
 def test_matches_reference_default_tiles(case, dtype):
     compare(case, dtype, seed=1)

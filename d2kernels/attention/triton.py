@@ -39,6 +39,7 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 2
     split_ds: bool = False  # 16-bit inputs: ds as hi + lo halves (one more dot, ~fp32-accurate dk/dq)
+    presort: bool = False  # context dk/dv: copy q, do to sorted slot order first (no gathered loads)
 
 
 def pick_tiles(kind: str, D: int, B: int, G: int, dtype: torch.dtype) -> Tiles:
@@ -60,7 +61,7 @@ def pick_tiles(kind: str, D: int, B: int, G: int, dtype: torch.dtype) -> Tiles:
         table = {"fwd": Tiles(32, 32, 4, 1), "dq": Tiles(32, 16, 4, 1),
                  "dkdv": Tiles(16, 32, 8, 1), "dkdv_draft": Tiles(16, 16, 4, 1, True)}
     t = table[kind]
-    return Tiles(max(t.block_m, 16 * ((G + 15) // 16)), t.block_n, t.num_warps, t.num_stages, t.split_ds)
+    return Tiles(max(t.block_m, 16 * ((G + 15) // 16)), t.block_n, t.num_warps, t.num_stages, t.split_ds, t.presort)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,17 +100,21 @@ def _count_le(ptr, n, x):
 
 @triton.jit
 def _query_rows(SANC, PERM, b_n, t0, NB, G: tl.constexpr, BLK: tl.constexpr, SLOTS: tl.constexpr,
-                BLOCK_M: tl.constexpr):
-    """Rows of a query tile starting at sorted slot ``t0``: (sorted block, slot, head, anchor, flags)."""
+                BLOCK_M: tl.constexpr, SORTED: tl.constexpr = False):
+    """Rows of a query tile starting at sorted slot ``t0``: (sorted block, slot, head, anchor, flags).
+
+    SORTED: the query-side tensors are already in sorted slot order, so ``slot`` is ``t``."""
     r = tl.arange(0, BLOCK_M)
     t = t0 + r // G  # [BLOCK_M] sorted slot
     valid = (r // G < SLOTS) & (t < NB)
     sb = tl.where(valid, t // BLK, 0)  # [BLOCK_M] sorted block
-    blk = tl.load(PERM + b_n + sb)
     sanc = tl.load(SANC + b_n + sb)
     kept = valid & (sanc >= 0)
     anc = tl.where(kept, sanc, 0)
-    slot = blk * BLK + t % BLK  # [BLOCK_M] slot in memory
+    if SORTED:
+        slot = t
+    else:
+        slot = tl.load(PERM + b_n + sb) * BLK + t % BLK  # [BLOCK_M] slot in memory
     return sb, slot, r % G, anc, valid, kept
 
 
@@ -303,13 +308,13 @@ def _dkdv_step(dk, dv, k, v, kn, sbk, Q, DO, LSE, DELTA, SANC, PERM, b, hkv, t0,
                N, NB, HKV, qk_scale, t_end, m_d,
                G: tl.constexpr, BLK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MODE: tl.constexpr, SPLIT: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr, SORTED: tl.constexpr = False):
     """One query tile's share of ``dk, dv [BLOCK_N, BLOCK_D]``.
 
     MODE 0: context keys fully visible; 1: context keys, visible iff ``kn < anchor``;
     2: draft keys, visible iff same sorted block ``sbk``.
     """
-    sb, slot, head, anc, valid, kept = _query_rows(SANC, PERM, b * N, t0, t_end, G, BLK, SLOTS, BLOCK_M)
+    sb, slot, head, anc, valid, kept = _query_rows(SANC, PERM, b * N, t0, t_end, G, BLK, SLOTS, BLOCK_M, SORTED)
     hq = hkv * G + head
     o_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * stride_qb + slot[:, None] * stride_qt + hq[:, None] * stride_qh + o_d[None, :],
@@ -344,7 +349,7 @@ def _varprefix_bwd_dkdv_ctx_kernel(
     S, N, NB, HKV, scale, qk_scale,
     G: tl.constexpr, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, SORTED: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     j0 = tl.program_id(1) * BLOCK_N  # early key tiles are seen by most blocks: launched first
@@ -371,12 +376,12 @@ def _varprefix_bwd_dkdv_ctx_kernel(
         dk, dv = _dkdv_step(dk, dv, k, v, kn, kn, Q, DO, LSE, DELTA, SANC, PERM, b, hkv, t0,
                             stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
                             N, NB, HKV, qk_scale, NB, m_d,
-                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 1, SPLIT, DOT_PREC)
+                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 1, SPLIT, DOT_PREC, SORTED)
     for t0 in range(t_mid, NB, SLOTS):
         dk, dv = _dkdv_step(dk, dv, k, v, kn, kn, Q, DO, LSE, DELTA, SANC, PERM, b, hkv, t0,
                             stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
                             N, NB, HKV, qk_scale, NB, m_d,
-                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 0, SPLIT, DOT_PREC)
+                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 0, SPLIT, DOT_PREC, SORTED)
 
     m_st = m_k[:, None] & m_d[None, :]
     tl.store(DK + b * stride_dkb + hkv * stride_dkh + kn[:, None] * stride_dks + o_d[None, :],
@@ -551,12 +556,18 @@ def varprefix_attention_bwd(do, q, k_ctx, v_ctx, k_draft, v_draft, o, lse, ancho
 
     cfg = pick_tiles("dkdv", D, block_size, G, q.dtype)
     slots = cfg.block_m // G
+    q_s, do_s, lse_s, delta_s = q, do, lse, delta
+    if cfg.presort:
+        idx = (perm.long()[:, :, None] * block_size + torch.arange(block_size, device=dev)).reshape(Bt, NB)
+        rows = torch.arange(Bt, device=dev)[:, None]
+        q_s, do_s = q[rows, idx], do[rows, idx]  # [Bt, NB, Hq, D] in sorted slot order
+        lse_s, delta_s = (t.gather(2, idx[:, None, :].expand(Bt, Hq, NB)) for t in (lse, delta))
     _varprefix_bwd_dkdv_ctx_kernel[(Bt * Hkv, triton.cdiv(S, cfg.block_n))](
-        q, k_ctx, v_ctx, do, lse, delta, dk_ctx, dv_ctx, sanc, perm,
-        *_s(q), *_s(k_ctx), *_s(v_ctx), *_s(do), *_s(dk_ctx), *_s(dv_ctx),
+        q_s, k_ctx, v_ctx, do_s, lse_s, delta_s, dk_ctx, dv_ctx, sanc, perm,
+        *_s(q_s), *_s(k_ctx), *_s(v_ctx), *_s(do_s), *_s(dk_ctx), *_s(dv_ctx),
         S, N, NB, Hkv, float(scale), qk_scale,
-        SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_ds and split_ok, **common,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_ds and split_ok,
+        SORTED=cfg.presort, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
     cfg = pick_tiles("dkdv_draft", D, block_size, G, q.dtype)
