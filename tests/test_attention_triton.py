@@ -121,17 +121,26 @@ def test_matches_reference_default_tiles(case, dtype):
     compare(case, dtype, seed=1)
 
 
-@pytest.mark.parametrize("bucket_d", [64, 128, 256, 512])
-def test_every_tile_table(monkeypatch, bucket_d):
+@pytest.mark.parametrize("bucket", sorted(tri.TILE_TABLES))
+def test_every_tile_table(monkeypatch, bucket):
     """Run each head_dim bucket's tile table (forced) at a small shape with GQA 8."""
-    real = tri.pick_tiles
-    for kind in ("fwd", "dq", "dkdv", "dkdv_draft"):
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            t = real(kind, bucket_d, 7, 8, dtype)
-            assert t.block_m >= 16 and t.block_m >= 8 and t.block_n >= 16
-            assert t.block_m & (t.block_m - 1) == 0 and t.block_n & (t.block_n - 1) == 0
-    force_tiles(monkeypatch, lambda kind, D, B, G, dtype: real(kind, bucket_d, B, G, dtype))
-    compare((1, 37, 3, 5, 8, 1, 16), torch.float32, seed=bucket_d)
+    for t in tri.TILE_TABLES[bucket].values():
+        t = tri.fit_group(t, 8)
+        assert t.block_m >= 16 and t.block_n >= 16
+        assert t.block_m & (t.block_m - 1) == 0 and t.block_n & (t.block_n - 1) == 0
+    force_tiles(monkeypatch, lambda kind, D, B, G, dtype: tri.fit_group(tri.TILE_TABLES[bucket][kind], G))
+    compare((1, 37, 3, 5, 8, 1, 16), torch.float32, seed=bucket)
+
+
+def test_pick_tiles_buckets():
+    """head_dim picks the smallest bucket that holds it; fp32 above 128 moves one bucket up."""
+    f16, f32 = torch.float16, torch.float32
+    assert tri.pick_tiles("fwd", 48, 7, 4, f16) == tri.fit_group(tri.TILE_TABLES[64]["fwd"], 4)
+    assert tri.pick_tiles("fwd", 128, 7, 4, f16) == tri.TILE_TABLES[128]["fwd"]
+    assert tri.pick_tiles("dq", 128, 7, 4, f32).num_stages == 2
+    assert tri.pick_tiles("fwd", 256, 7, 4, f32) == tri.TILE_TABLES[512]["fwd"]
+    assert tri.pick_tiles("dkdv", 512, 7, 4, f32) == tri.TILE_TABLES[1024]["dkdv"]
+    assert tri.pick_tiles("dkdv", 2048, 7, 4, f16) == tri.TILE_TABLES[1024]["dkdv"]
 
 
 def test_dummy_blocks_and_anchor_zero(monkeypatch):

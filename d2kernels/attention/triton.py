@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["varprefix_attention_fwd", "varprefix_attention_bwd", "Tiles", "pick_tiles"]
+__all__ = ["varprefix_attention_fwd", "varprefix_attention_bwd", "Tiles", "TILE_TABLES", "pick_tiles"]
 
 LOG2E = 1.4426950408889634
 
@@ -42,26 +42,37 @@ class Tiles:
     presort: bool = False  # context dk/dv: copy q, do to sorted slot order first (no gathered loads)
 
 
-def pick_tiles(kind: str, D: int, B: int, G: int, dtype: torch.dtype) -> Tiles:
-    """Tile sizes per kernel ``kind`` in ("fwd", "dq", "dkdv", "dkdv_draft") and head_dim ``D``.
+# Per kernel kind, by head_dim bucket (the smallest key >= D; fp32 above 128 uses the next bucket:
+# its tiles take twice the shared memory). The 128 row was swept on an H200 (bf16, B=7, G=4; see
+# benchmarks/RESULTS_attention.md); the others are sized to fit and were checked for correctness.
+TILE_TABLES = {
+    64: {"fwd": Tiles(128, 64, 4, 3), "dq": Tiles(128, 64, 4, 3),
+         "dkdv": Tiles(64, 128, 8, 3), "dkdv_draft": Tiles(64, 32, 4, 2, True)},
+    128: {"fwd": Tiles(128, 64, 8, 3), "dq": Tiles(128, 64, 8, 3),
+          "dkdv": Tiles(64, 128, 8, 3), "dkdv_draft": Tiles(64, 32, 4, 2, True)},
+    256: {"fwd": Tiles(64, 64, 4, 2), "dq": Tiles(64, 32, 4, 2),
+          "dkdv": Tiles(32, 64, 4, 2), "dkdv_draft": Tiles(32, 32, 4, 1, True)},
+    512: {"fwd": Tiles(32, 32, 4, 1), "dq": Tiles(32, 16, 4, 1),
+          "dkdv": Tiles(16, 32, 8, 1), "dkdv_draft": Tiles(16, 16, 4, 1, True)},
+    1024: {"fwd": Tiles(16, 16, 4, 1), "dq": Tiles(16, 16, 4, 1),
+           "dkdv": Tiles(16, 16, 8, 1), "dkdv_draft": Tiles(16, 16, 4, 1, True)},
+}
 
-    Measured on an H200 (bf16, B=7/16, G=4); see benchmarks/RESULTS_attention.md.
-    """
-    wide = dtype == torch.float32  # fp32 tiles take twice the shared memory
-    if D <= 64:
-        table = {"fwd": Tiles(128, 64, 4, 3), "dq": Tiles(128, 64, 4, 3),
-                 "dkdv": Tiles(64, 128, 8, 3), "dkdv_draft": Tiles(64, 32, 4, 2, True)}
-    elif D <= 128:
-        table = {"fwd": Tiles(128, 64, 8, 3), "dq": Tiles(128, 64, 8, 2 if wide else 3),
-                 "dkdv": Tiles(64, 128, 8, 2 if wide else 3), "dkdv_draft": Tiles(64, 32, 4, 2, True)}
-    elif D <= 256:
-        table = {"fwd": Tiles(64, 64, 4, 2), "dq": Tiles(64, 32, 4, 2),
-                 "dkdv": Tiles(32, 64, 4, 2), "dkdv_draft": Tiles(32, 32, 4, 1, True)}
-    else:
-        table = {"fwd": Tiles(32, 32, 4, 1), "dq": Tiles(32, 16, 4, 1),
-                 "dkdv": Tiles(16, 32, 8, 1), "dkdv_draft": Tiles(16, 16, 4, 1, True)}
-    t = table[kind]
+
+def fit_group(t: Tiles, G: int) -> Tiles:
+    """``t`` with at least 16 query rows and one whole GQA group per tile row block."""
     return Tiles(max(t.block_m, 16 * ((G + 15) // 16)), t.block_n, t.num_warps, t.num_stages, t.split_ds, t.presort)
+
+
+def pick_tiles(kind: str, D: int, B: int, G: int, dtype: torch.dtype) -> Tiles:
+    """Tile sizes of kernel ``kind`` in ("fwd", "dq", "dkdv", "dkdv_draft") for head_dim ``D``."""
+    bucket = next((k for k in TILE_TABLES if D <= k), 1024)
+    if dtype == torch.float32 and bucket > 128:
+        bucket = min(2 * bucket, 1024)
+    t = TILE_TABLES[bucket][kind]
+    if dtype == torch.float32 and bucket == 128 and kind in ("dq", "dkdv"):
+        t = Tiles(t.block_m, t.block_n, t.num_warps, 2, t.split_ds, t.presort)  # fp32: fewer stages fit
+    return fit_group(t, G)
 
 
 # ----------------------------------------------------------------------------------------------
