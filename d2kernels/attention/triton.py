@@ -16,6 +16,9 @@ Backward (no atomics, deterministic):
 
 Softmax runs in base 2 (``qk_scale = scale * log2(e)``); ``lse`` is stored in natural log,
 ``-inf`` for dummy rows (no visible key). fp32 inputs use IEEE fp32 dots (no tf32).
+
+Tile sizes come from ``pick_tiles`` (tests monkeypatch it); ``Tiles.split_ds`` (on for the draft
+dk/dv kernel) and ``Tiles.presort`` (off: measured no faster) are per-kernel options.
 """
 from __future__ import annotations
 
