@@ -50,8 +50,8 @@ class CEConfig:
 
 def _config(device: torch.device) -> CEConfig:
     if device.type != "cuda":  # Triton interpreter: small tiles keep CPU tests fast
-        return CEConfig(block_m=16, block_n=32, block_k=16, block_h=32, num_warps=4, num_stages=1,
-                        stats_cols=4, finalize_m=16, finalize_h=32)
+        return CEConfig(block_m=32, block_n=64, block_k=16, block_h=64, num_warps=4, num_stages=1,
+                        stats_cols=2, finalize_m=32, finalize_h=64)
     return CEConfig()
 
 
@@ -403,9 +403,11 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
                 IEEE_A=dot_dtype == f32, IEEE_B=p_dtype == f32, WRITE_P=need_dh, **common,
             )
         last = (n_chunks - 1) % 2
+        m_fin = m_run.view(-1)[last * tb:(last + 1) * tb]  # the kernels index [2, tb], not [2, Tb]
+        s_fin = s_run.view(-1)[last * tb:(last + 1) * tb]
         grid = (triton.cdiv(tb, cfg.finalize_m), triton.cdiv(H, cfg.finalize_h) if need_dh else 1)
         _ce_finalize_kernel[grid](
-            weight, r_blk, l_blk, w_blk, z_lab, acc, m_run[last], s_run[last],
+            weight, r_blk, l_blk, w_blk, z_lab, acc, m_fin, s_fin,
             dh, lse, loss_c[t0:t0 + tb], correct_i8,
             tb, H, sc, weight.stride(0), weight.stride(1),
             dh.stride(0) if need_dh else 0, dh.stride(1) if need_dh else 0,
