@@ -218,7 +218,8 @@ def _b_tile(
         tl.store(srun_ptr + buf * Tb + o_m, s_new, mask=m_m)
 
 
-@triton.jit
+# per-launch integers vary every step: specializing on them would recompile the kernel per chunk
+@triton.jit(do_not_specialize=["Tb", "chunk_b", "n_b", "chunk_a", "n_a_tiles_n"])
 def _ce_step_kernel(
     h_ptr, w_ptr, rows_ptr, lab_ptr, p_ptr, sm_ptr, ss_ptr, zl_ptr, acc_ptr, mrun_ptr, srun_ptr,
     Tb, H, V, Vc, softcap, chunk_b, n_b, chunk_a, n_a_tiles_n,
@@ -244,7 +245,7 @@ def _ce_step_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Tb"])
 def _ce_finalize_kernel(
     w_ptr, rows_ptr, lab_ptr, tw_ptr, zl_ptr, acc_ptr, mrun_ptr, srun_ptr,
     dh_ptr, lse_ptr, loss_ptr, correct_ptr,
@@ -282,7 +283,7 @@ def _ce_finalize_kernel(
         tl.store(dh_ptr + rows[:, None] * stride_dt + o_h[None, :] * stride_dh, b_dh.to(dh_ptr.dtype.element_ty), mask=m_a)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Tc", "v0", "width"])
 def _ce_dlogits_kernel(
     h_ptr, w_ptr, rows_ptr, lab_ptr, tw_ptr, lse_ptr, d_ptr, grad_ptr,
     Tc, H, V, v0, width, softcap,
