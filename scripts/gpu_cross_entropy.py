@@ -70,7 +70,7 @@ def check(T, H, V, dtype, softcap, frac=0.5):
         return num, cor, hh.grad, WW.grad
 
     def plain(cast):
-        hh, WW = h.to(cast).requires_grad_(), W.to(cast).requires_grad_()
+        hh, WW = h.detach().to(cast).requires_grad_(), W.detach().to(cast).requires_grad_()
         w = decay_weights(mask, off, 4.0)
         sel = w > 0
         z = (hh[sel] @ WW.t()).to(torch.float64 if cast == torch.float64 else torch.float32)
@@ -181,6 +181,7 @@ if __name__ == "__main__":
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider (slow to compile)")
     ap.add_argument("--shapes", default="key", help="'key': T=3584 H=2560 V=151936; 'all': the benchmark grid")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--extra", default="", help="more shapes for ours + torch.compile only, e.g. '8192x4096x262144'")
     ARGS = ap.parse_args()
     RESULTS["env"] = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name()}
     print(RESULTS["env"], flush=True)
@@ -212,6 +213,10 @@ if __name__ == "__main__":
     for (T, H, V) in shapes:
         for frac in (1.0, 0.5):
             time_shape(T, H, V, frac, everyone)
+    for spec in filter(None, ARGS.extra.split(",")):
+        T, H, V = map(int, spec.split("x"))
+        for frac in (1.0, 0.5):
+            time_shape(T, H, V, frac, ("ours", "torch_compile"))
     a = torch.randn(3584, 2560, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(151936, 2560, device=DEV, dtype=torch.bfloat16)
     mm = bench(lambda: a @ b.t())

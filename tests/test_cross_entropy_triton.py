@@ -150,6 +150,19 @@ def test_gamma_and_frozen_weight(gamma, poison, tiny):
     assert rel_err(num, rnum) <= 1e-4 and rel_err(den, rden) <= 1e-6 and rel_err(dh, rdh) <= 1e-4
 
 
+@pytest.mark.parametrize("dt", ["fp32", "fp16"])
+def test_logit_jump_takes_the_rescaling_path(dt, poison, tiny):
+    """Logits of later vocabulary chunks far above the running max: P cannot share the lagged reference."""
+    h, W, labels, mask, off = make_case((37,), 64, 400, torch.float32, seed=7, wscale=0.05)
+    W[200:] *= 40.0  # chunks 3.. (of 64 columns) jump by far more than TAU
+    h, W = h.to(DTYPES[dt]), W.to(DTYPES[dt])
+    num, den, cor, dh, dw = run(h, W, labels, mask, off)
+    rnum, _, rcor, rdh, rdw = reference(h, W, labels, mask, off)
+    tol = 1e-4 if dt == "fp32" else 5e-3
+    assert rel_err(num, rnum) <= tol and rel_err(dh, rdh) <= tol and rel_err(dw, rdw) <= tol
+    assert torch.equal(cor.cpu(), rcor.cpu())
+
+
 def test_no_grad_forward_and_weight_only_grad(poison, tiny):
     """Forward without a stash (stats-only chunks), and a backward that needs only dW."""
     h, W, labels, mask, off = make_case((6, 9), 48, 1000, torch.float32, seed=5)

@@ -8,8 +8,10 @@ forward, and the ``[T, V]`` logits never exist:
 
   for each T-block ``[Tb]`` of supervised rows, for each vocabulary chunk ``[Vc]``:
     A(k): ``z = h @ W[chunk]^T`` tile by tile; per (row, tile) max ``m`` and ``s = Σ exp(z - m)``;
-          ``P = exp(z - m) * softcap'(z)`` stored to a chunk buffer (no normalisation needed yet).
-    B(k): ``acc = acc * exp(M_old - M_new) + (P * exp(m - M_new)) @ W[chunk]`` with the running
+          ``P = exp(z - R) * softcap'(z)`` stored to a chunk buffer, ``R`` = the running row max
+          two chunks back (a lazy shift constant: no normalisation needed yet; a tile whose max
+          exceeds ``R + TAU`` uses its own max instead and B rescales those rows).
+    B(k): ``acc = acc * exp(M_old - M_new) + (P @ W[chunk]) * exp(R - M_new)`` with the running
           row max ``M`` and sum ``S`` updated from the tile stats (online log-sum-exp in fp32).
   finalize: ``lse = M + log S``; ``dh_unit = w * (acc / S - softcap'(z_label) * W[label])``.
 
@@ -110,14 +112,18 @@ def _logits_tile(
 
 @triton.jit
 def _a_tile(
-    tile, chunk, h_ptr, w_ptr, rows_ptr, lab_ptr, p_ptr, sm_ptr, ss_ptr, zl_ptr,
+    tile, chunk, h_ptr, w_ptr, rows_ptr, lab_ptr, p_ptr, sm_ptr, ss_ptr, zl_ptr, mrun_ptr,
     Tb, H, V, Vc, n_tiles_n, softcap,
     stride_ht, stride_hh, stride_wv, stride_wh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-    WRITE_P: tl.constexpr,
+    WRITE_P: tl.constexpr, TAU: tl.constexpr,
 ):
-    """One logits tile of chunk ``chunk``: tile stats, label logit, and (WRITE_P) ``P`` into buffer ``chunk % 2``."""
+    """One logits tile of chunk ``chunk``: tile stats, label logit, and (WRITE_P) ``P`` into buffer ``chunk % 2``.
+
+    ``P = exp(z - r)`` with ``r = R`` (the running max after chunk ``chunk - 2``, the newest one no
+    launch is writing) when the tile max is at most ``R + TAU``, else ``r`` = the tile max.
+    """
     n_tiles_m = tl.cdiv(Tb, BLOCK_M)
     # grouped order: GROUP_M row tiles walk the chunk's W tiles together (L2 reuse of W)
     width = GROUP_M * n_tiles_n
@@ -144,6 +150,9 @@ def _a_tile(
     n0 = chunk * Vc + tile_n * BLOCK_N
     tl.store(zl_ptr + o_m, zl, mask=m_m & (lab >= n0) & (lab < n0 + BLOCK_N))
     if WRITE_P:
+        r_ref = _lagged_max(mrun_ptr, chunk, Tb, o_m, m_m, BLOCK_M)
+        b_r = tl.where(b_m <= r_ref + TAU, r_ref, b_m)
+        b_p = tl.exp(z - b_r[:, None])
         if SOFTCAP:
             # d softcap(x) / dx = 1 - (z / c)^2, folded into P so B needs no extra pass
             zc = tl.where(m_n[None, :], z / softcap, 0.0)
@@ -154,11 +163,20 @@ def _a_tile(
 
 
 @triton.jit
+def _lagged_max(mrun_ptr, chunk, Tb, o_m, m_m, BLOCK_M: tl.constexpr):
+    """Running row max after chunk ``chunk - 2`` (-inf before chunk 2): the lazy reference of P."""
+    r_ref = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    if chunk >= 2:
+        r_ref = tl.load(mrun_ptr + ((chunk - 2) % 3) * Tb + o_m, mask=m_m, other=0.0)
+    return r_ref
+
+
+@triton.jit
 def _b_tile(
     tile, chunk, w_ptr, p_ptr, sm_ptr, ss_ptr, acc_ptr, mrun_ptr, srun_ptr,
     Tb, H, V, Vc, stride_wv, stride_wh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-    DO_PW: tl.constexpr, IEEE: tl.constexpr,
+    DO_PW: tl.constexpr, IEEE: tl.constexpr, TAU: tl.constexpr,
 ):
     """Chunk ``chunk`` into the running stats (and, DO_PW, into ``acc [Tb, H]``): one ``[BLOCK_M, BLOCK_H]`` tile."""
     if DO_PW:
@@ -168,6 +186,8 @@ def _b_tile(
     tile_m = tile // n_tiles_h
     tile_h = tile % n_tiles_h
     buf = chunk % 2
+    run_new = chunk % 3  # running stats: written here, read as "old" by chunk + 1, as R by A(chunk + 2)
+    run_old = (chunk + 2) % 3
     v0 = chunk * Vc
     width = tl.minimum(Vc, V - v0)  # columns of this chunk
     n_cols = tl.cdiv(width, BLOCK_N)
@@ -175,12 +195,16 @@ def _b_tile(
     o_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < Tb
     p_st = buf * n_cols_all * Tb + o_m  # column 0 of this chunk's stats
+    r_ref = _lagged_max(mrun_ptr, chunk, Tb, o_m, m_m, BLOCK_M)
     m_new = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    n_far = 0  # (row, tile) pairs whose P used the tile's own max instead of r_ref
     for c in range(0, n_cols):
-        m_new = tl.maximum(m_new, tl.load(sm_ptr + p_st + c * Tb, mask=m_m, other=0.0))
+        b_m = tl.load(sm_ptr + p_st + c * Tb, mask=m_m, other=0.0)
+        m_new = tl.maximum(m_new, b_m)
+        n_far += tl.sum(((b_m > r_ref + TAU) & m_m).to(tl.int32), axis=0)
     m_old = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     if chunk > 0:
-        m_old = tl.load(mrun_ptr + (1 - buf) * Tb + o_m, mask=m_m, other=0.0)
+        m_old = tl.load(mrun_ptr + run_old * Tb + o_m, mask=m_m, other=0.0)
         m_new = tl.maximum(m_new, m_old)
     if DO_PW:
         o_h = tile_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -189,19 +213,34 @@ def _b_tile(
         p_p = p_ptr + buf * Tb * Vc + o_m[:, None] * Vc + o_k[None, :]  # [BLOCK_M, BLOCK_K]
         p_w = w_ptr + (v0 + o_k).to(tl.int64)[:, None] * stride_wv + o_h[None, :] * stride_wh  # [BLOCK_K, BLOCK_H]
         acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-        for k0 in range(0, width, BLOCK_K):
-            # P was stored relative to its tile max; rescale it to the running max (factor <= 1)
-            sc = tl.exp(tl.load(sm_ptr + p_st + (k0 // BLOCK_N) * Tb, mask=m_m, other=0.0) - m_new)
-            m_k = (k0 + o_k) < width
-            b_p = tl.load(p_p, mask=m_m[:, None] & m_k[None, :], other=0.0)
-            b_p = (b_p.to(tl.float32) * sc[:, None]).to(p_ptr.dtype.element_ty)
-            b_w = tl.load(p_w, mask=m_k[:, None] & m_h[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(b_p, b_w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(b_p, b_w, acc)
-            p_p += BLOCK_K
-            p_w += BLOCK_K * stride_wv
+        if n_far == 0:
+            # common case: one reference per row for the whole chunk, P goes to the MMA untouched
+            for k0 in range(0, width, BLOCK_K):
+                m_k = (k0 + o_k) < width
+                b_p = tl.load(p_p, mask=m_m[:, None] & m_k[None, :], other=0.0)
+                b_w = tl.load(p_w, mask=m_k[:, None] & m_h[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(b_p, b_w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(b_p, b_w, acc)
+                p_p += BLOCK_K
+                p_w += BLOCK_K * stride_wv
+            acc = acc * tl.exp(r_ref - m_new)[:, None]
+        else:
+            for k0 in range(0, width, BLOCK_K):
+                # this tile's reference per row, rescaled to the running max (factor <= 1)
+                b_m = tl.load(sm_ptr + p_st + (k0 // BLOCK_N) * Tb, mask=m_m, other=0.0)
+                sc = tl.exp(tl.where(b_m <= r_ref + TAU, r_ref, b_m) - m_new)
+                m_k = (k0 + o_k) < width
+                b_p = tl.load(p_p, mask=m_m[:, None] & m_k[None, :], other=0.0)
+                b_p = (b_p.to(tl.float32) * sc[:, None]).to(p_ptr.dtype.element_ty)
+                b_w = tl.load(p_w, mask=m_k[:, None] & m_h[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(b_p, b_w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(b_p, b_w, acc)
+                p_p += BLOCK_K
+                p_w += BLOCK_K * stride_wv
         p_a = acc_ptr + o_m[:, None] * H + o_h[None, :]  # [BLOCK_M, BLOCK_H]
         m_a = m_m[:, None] & m_h[None, :]
         if chunk > 0:
@@ -213,9 +252,9 @@ def _b_tile(
             b_m = tl.load(sm_ptr + p_st + c * Tb, mask=m_m, other=0.0)
             s_new += tl.load(ss_ptr + p_st + c * Tb, mask=m_m, other=0.0) * tl.exp(b_m - m_new)
         if chunk > 0:
-            s_new += tl.load(srun_ptr + (1 - buf) * Tb + o_m, mask=m_m, other=0.0) * tl.exp(m_old - m_new)
-        tl.store(mrun_ptr + buf * Tb + o_m, m_new, mask=m_m)
-        tl.store(srun_ptr + buf * Tb + o_m, s_new, mask=m_m)
+            s_new += tl.load(srun_ptr + run_old * Tb + o_m, mask=m_m, other=0.0) * tl.exp(m_old - m_new)
+        tl.store(mrun_ptr + run_new * Tb + o_m, m_new, mask=m_m)
+        tl.store(srun_ptr + run_new * Tb + o_m, s_new, mask=m_m)
 
 
 # per-launch integers vary every step: specializing on them would recompile the kernel per chunk
@@ -226,7 +265,7 @@ def _ce_step_kernel(
     stride_ht, stride_hh, stride_wv, stride_wh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    IEEE_A: tl.constexpr, IEEE_B: tl.constexpr, WRITE_P: tl.constexpr,
+    IEEE_A: tl.constexpr, IEEE_B: tl.constexpr, WRITE_P: tl.constexpr, TAU: tl.constexpr,
 ):
     """Programs ``[0, n_b)``: B tiles of chunk ``chunk_b``; the rest: A tiles of chunk ``chunk_a``."""
     pid = tl.program_id(0)
@@ -234,14 +273,14 @@ def _ce_step_kernel(
         _b_tile(
             pid, chunk_b, w_ptr, p_ptr, sm_ptr, ss_ptr, acc_ptr, mrun_ptr, srun_ptr,
             Tb, H, V, Vc, stride_wv, stride_wh,
-            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_H, WRITE_P, IEEE_B,
+            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_H, WRITE_P, IEEE_B, TAU,
         )
     else:
         _a_tile(
-            pid - n_b, chunk_a, h_ptr, w_ptr, rows_ptr, lab_ptr, p_ptr, sm_ptr, ss_ptr, zl_ptr,
+            pid - n_b, chunk_a, h_ptr, w_ptr, rows_ptr, lab_ptr, p_ptr, sm_ptr, ss_ptr, zl_ptr, mrun_ptr,
             Tb, H, V, Vc, n_a_tiles_n, softcap,
             stride_ht, stride_hh, stride_wv, stride_wh,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, SOFTCAP, DOT_DTYPE, IEEE_A, WRITE_P,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, SOFTCAP, DOT_DTYPE, IEEE_A, WRITE_P, TAU,
         )
 
 
@@ -333,6 +372,11 @@ def _dot_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return hidden.dtype if hidden.dtype == weight.dtype else torch.float32
 
 
+def _tau(p_dtype: torch.dtype) -> float:
+    """How far above its reference a P entry may be: e^60 fits bf16/fp32, e^10 fits fp16 (max 65504)."""
+    return 10.0 if p_dtype == torch.float16 else 60.0
+
+
 def _plan(Tc: int, H: int, V: int, p_bytes: int, cfg: CEConfig, write_p: bool) -> tuple[int, int]:
     """Rows per T-block ``Tb`` and columns per chunk ``Vc`` (a multiple of block_n) within the budget."""
     bm, bn = cfg.block_m, cfg.block_n
@@ -376,8 +420,8 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
     s_sum = _empty((2, n_cols, Tb), f32, dev)
     z_lab = _empty((Tb,), f32, dev)
     acc = _empty((Tb, H) if need_dh else (1,), f32, dev)
-    m_run = _empty((2, Tb), f32, dev)
-    s_run = _empty((2, Tb), f32, dev)
+    m_run = _empty((3, Tb), f32, dev)
+    s_run = _empty((3, Tb), f32, dev)
     loss_c = _empty((Tc,), f32, dev)
     correct_i8 = correct.view(torch.int8)
     sc = float(softcap)
@@ -401,10 +445,10 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
                 tb, H, V, Vc, sc, chunk_b, n_b, chunk_a, n_a_n,
                 hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 BLOCK_H=cfg.block_h, GROUP_M=8, EVEN_K=even_k, DOT_DTYPE=_TL_DTYPE[dot_dtype],
-                IEEE_A=dot_dtype == f32, IEEE_B=p_dtype == f32, WRITE_P=need_dh, **common,
+                IEEE_A=dot_dtype == f32, IEEE_B=p_dtype == f32, WRITE_P=need_dh, TAU=_tau(p_dtype), **common,
             )
-        last = (n_chunks - 1) % 2
-        m_fin = m_run.view(-1)[last * tb:(last + 1) * tb]  # the kernels index [2, tb], not [2, Tb]
+        last = (n_chunks - 1) % 3
+        m_fin = m_run.view(-1)[last * tb:(last + 1) * tb]  # the kernels index [3, tb], not [3, Tb]
         s_fin = s_run.view(-1)[last * tb:(last + 1) * tb]
         grid = (triton.cdiv(tb, cfg.finalize_m), triton.cdiv(H, cfg.finalize_h) if need_dh else 1)
         _ce_finalize_kernel[grid](
