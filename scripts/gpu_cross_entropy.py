@@ -172,6 +172,7 @@ CONFIGS = {
     "n256h128": ce_triton.CEConfig(block_m=128, block_n=256, block_k=64, block_h=128, num_warps=8, num_stages=3),
     "n128h256": ce_triton.CEConfig(block_m=128, block_n=128, block_k=64, block_h=256, num_warps=8, num_stages=3),
     "n256h256": ce_triton.CEConfig(block_m=128, block_n=256, block_k=64, block_h=256, num_warps=8, num_stages=3),
+    "n256h256s4": ce_triton.CEConfig(block_m=128, block_n=256, block_k=64, block_h=256, num_warps=8, num_stages=4),
 }
 CFG_NAME = "default"
 

@@ -246,3 +246,18 @@ def test_gpu_bf16_acceptance(V, softcap, poison):
         err, terr = rel_err(a, b), rel_err(t, b)
         assert err <= 2e-2 and err <= 2 * max(terr, 1e-4), f"{name}: {err:.2e} vs torch bf16 {terr:.2e}"
     assert (cor == rcor).float().mean() > 0.99  # near-ties may flip in bf16
+
+
+def test_custom_op_traces_fullgraph():
+    """The op (with its d num/d hidden stash output) traces without a graph break and keeps its gradient."""
+    h, W, labels, mask, off = make_case((20,), 64, 257, torch.float32, seed=13)
+    w = decay_weights(mask, off, 4.0)
+
+    def loss_fn(h):
+        num, den, _, _, _ = torch.ops.d2kernels.decayed_ce_fwd(h, W, labels, w, 0.0, False, True, "triton")
+        return num / (den + 1e-6)
+
+    h1, h2 = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(h1).backward()
+    loss_fn(h2).backward()
+    assert rel_err(h1.grad, h2.grad) <= 1e-6

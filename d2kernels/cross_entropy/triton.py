@@ -41,9 +41,9 @@ class CEConfig:
     block_m: int = 128  # supervised rows per tile (A, B and dlogits)
     block_n: int = 256  # vocabulary columns per A tile (one stats column)
     block_k: int = 64  # reduction step of both matmuls (divides block_n)
-    block_h: int = 128  # hidden columns per B tile
+    block_h: int = 256  # hidden columns per B tile
     num_warps: int = 8
-    num_stages: int = 3
+    num_stages: int = 4  # H200 sweep: n256/h256/s4 beat h128 and s3 (benchmarks/RESULTS_cross_entropy.md)
     budget: int = 40 * _MiB  # acc [Tb, H] f32 + 2 x P [Tb, Vc]
     stats_cols: int = 64  # stats columns per chunk when no P is written (forward only)
     finalize_m: int = 32
