@@ -493,7 +493,7 @@ def _dweight(grad_num, hidden, weight, labels, token_weights, lse, softcap: floa
     Vc = max(bn, cfg.budget // 2 // (Tc * dot_dtype.itemsize) // bn * bn)
     Vc = min(Vc, triton.cdiv(V, bn) * bn)
     d_buf = _empty((Tc, Vc), dot_dtype, dev)
-    dw = torch.empty_like(weight)
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=dev)  # contiguous: mm writes row slices
     mixed = dot_dtype != weight.dtype
     dw_chunk = _empty((Vc, H), dot_dtype, dev) if mixed else None  # f32 product, cast per chunk
     g = grad_num.to(torch.float32).reshape(1)
@@ -507,7 +507,7 @@ def _dweight(grad_num, hidden, weight, labels, token_weights, lse, softcap: floa
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), d_buf.stride(0),
             BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=cfg.block_k, EVEN_K=H % cfg.block_k == 0,
             SOFTCAP=sc > 0, DOT_DTYPE=_TL_DTYPE[dot_dtype], IEEE=dot_dtype == torch.float32,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=min(cfg.num_stages, 3),  # 3: the depth checked on the H200
         )
         if mixed:
             torch.mm(d_buf[:, :width].t(), h_c, out=dw_chunk[:width])
