@@ -182,8 +182,13 @@ if __name__ == "__main__":
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider (slow to compile)")
     ap.add_argument("--shapes", default="key", help="'key': T=3584 H=2560 V=151936; 'all': the benchmark grid")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--budget-mib", type=int, default=0, help="override CEConfig.budget (acc + 2 P chunk buffers)")
     ap.add_argument("--extra", default="", help="more shapes for ours + torch.compile only, e.g. '8192x4096x262144'")
     ARGS = ap.parse_args()
+    if ARGS.budget_mib:
+        for c in CONFIGS.values():
+            c.budget = ARGS.budget_mib << 20
+        ce_triton._config = lambda dev, c=ce_triton.CEConfig(budget=ARGS.budget_mib << 20): c
     RESULTS["env"] = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name()}
     print(RESULTS["env"], flush=True)
     torch.manual_seed(0)
