@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .._checks import check_float_tensor, check_int_tensor, check_range, check_same_device, resolve_backend
-from .._ops import fast_impl
+from .._ops import eager_function, fast_impl, pick, with_backward_op
 from ..layout import decay_weights
 from .naive import decayed_cross_entropy_naive
 
@@ -27,8 +27,7 @@ class CEOptions:
     return_correct: bool = False
 
 
-@torch.library.custom_op("d2kernels::decayed_ce_fwd", mutates_args=())
-def _ce_fwd(
+def _ce_fwd_impl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
@@ -53,6 +52,9 @@ def _ce_fwd(
     return num, den, lse, correct, dh_unit
 
 
+_ce_fwd = torch.library.custom_op("d2kernels::decayed_ce_fwd", mutates_args=())(_ce_fwd_impl)
+
+
 @_ce_fwd.register_fake
 def _(hidden, weight, labels, token_weights, softcap, return_correct, need_dhidden, impl):
     T = hidden.shape[0]
@@ -66,8 +68,7 @@ def _(hidden, weight, labels, token_weights, softcap, return_correct, need_dhidd
     )
 
 
-@torch.library.custom_op("d2kernels::decayed_ce_bwd", mutates_args=())
-def _ce_bwd(
+def _ce_bwd_impl(
     grad_num: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -83,6 +84,9 @@ def _ce_bwd(
     return fast_impl(impl, "cross_entropy").decayed_ce_bwd(
         grad_num, hidden, weight, labels, token_weights, lse, CEOptions(softcap), need_dhidden, need_dweight
     )
+
+
+_ce_bwd = torch.library.custom_op("d2kernels::decayed_ce_bwd", mutates_args=())(_ce_bwd_impl)
 
 
 @_ce_bwd.register_fake
@@ -107,13 +111,16 @@ def _ce_backward(ctx, grad_num, grad_den, grad_lse, grad_correct, grad_dh_unit):
         dh = dh_unit * grad_num.float()  # num is linear in its per-token terms: scale the stash
     bwd_dh = need_dh and not stashed
     if bwd_dh or need_dw:
-        dh_, dw_ = _ce_bwd(grad_num.float(), hidden, weight, labels, token_weights, lse, softcap, bwd_dh, need_dw, impl)
+        dh_, dw_ = ctx.bwd(grad_num.float(), hidden, weight, labels, token_weights, lse, softcap, bwd_dh, need_dw, impl)
         dh = dh_ if bwd_dh else dh
         dw = dw_ if need_dw else None
     return dh, dw, None, None, None, None, None, None
 
 
-torch.library.register_autograd("d2kernels::decayed_ce_fwd", _ce_backward, setup_context=_ce_setup)
+torch.library.register_autograd(
+    "d2kernels::decayed_ce_fwd", _ce_backward, setup_context=with_backward_op(_ce_setup, _ce_bwd)
+)
+_ce_eager = eager_function(_ce_fwd_impl, with_backward_op(_ce_setup, _ce_bwd_impl), _ce_backward)
 
 
 def decayed_cross_entropy(
@@ -166,7 +173,7 @@ def decayed_cross_entropy(
         num, den, correct = decayed_cross_entropy_naive(h2, lm_head_weight, lab, w, softcap)
     else:
         need_dh = torch.is_grad_enabled() and hidden.requires_grad
-        num, den, _, correct, _ = _ce_fwd(
+        num, den, _, correct, _ = pick(_ce_fwd, _ce_eager)(
             h2, lm_head_weight, lab, w, float(softcap or 0.0), bool(return_correct), need_dh, impl
         )
     if return_correct:
