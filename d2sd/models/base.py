@@ -1,0 +1,303 @@
+"""The drafter skeleton shared by every layer family (Qwen3, Gemma4).
+
+Layout (DeepSpec's DFlash drafter, SPEC "Drafter model"): frozen ``embed_tokens`` and ``lm_head``
+copied from the target; ``fc: Linear(L*H -> H)`` and ``hidden_norm`` turn the target features into
+the context; ``layers`` attend from the draft slots to [context ; own block]; final ``norm``.
+A family subclass provides the RMSNorm class, the decoder layer and the rotary frequencies.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+import d2kernels
+from d2kernels import layout
+
+from ..config import DrafterConfig
+
+__all__ = ["Drafter", "DrafterOutput", "apply_rope", "rope_cos_sin"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+DEEPSPEC_ARCH = "D2SDDrafter"
+
+
+@dataclass
+class DrafterOutput:
+    """Result of one training forward.
+
+    ``loss_num`` (0-dim, differentiable) = Σ w·CE and ``loss_den`` (0-dim) = Σ w over this rank's
+    slots; the loss is ``loss_num / (global loss_den + 1e-6)``. ``correct_per_slot`` /
+    ``count_per_slot`` ``[B]`` long: argmax hits and supervised slots per block position.
+    """
+
+    loss_num: torch.Tensor
+    loss_den: torch.Tensor
+    correct_per_slot: torch.Tensor
+    count_per_slot: torch.Tensor
+    anchors: torch.Tensor  # [Bt, N] long
+    keep: torch.Tensor  # [Bt, N] bool
+    prefix_lens: torch.Tensor  # [Bt, N] long
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """The local weighted mean (single process; use the global den under data parallelism)."""
+        return self.loss_num / (self.loss_den + 1e-6)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, scaling: float, positions: torch.Tensor, dtype: torch.dtype):
+    """``positions [..., T]`` -> ``cos, sin [..., T, D]`` (fp32 angles, cast to ``dtype`` like HF)."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device, torch.float32)  # [..., T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x [Bt, T, heads, D]``, ``cos/sin [Bt or 1, T, D]`` -> rotated ``x`` (rotate-half convention)."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class Drafter(nn.Module):
+    """A DFlash / D2SD (variable-prefix) drafter. Build with ``d2sd.models.build_drafter``."""
+
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        H, V = config.hidden_size, config.vocab_size
+        self.embed_tokens = nn.Embedding(V, H)
+        self.fc = nn.Linear(config.num_target_features * H, H, bias=False)
+        self.hidden_norm = self.make_norm(H)
+        self.layers = nn.ModuleList(self.make_layer(i) for i in range(config.num_draft_layers))
+        self.norm = self.make_norm(H)
+        self.lm_head = nn.Linear(H, V, bias=False)
+        with torch.device("cpu"):  # real values even under a meta / cuda default-device context
+            self.inv_freq, self.rope_scaling = self.rope_frequencies()
+        self.reset_parameters()
+        self.freeze_target_parts()
+
+    # -- family hooks -----------------------------------------------------------------------
+    def make_norm(self, dim: int) -> nn.Module:
+        raise NotImplementedError
+
+    def make_layer(self, idx: int) -> nn.Module:
+        raise NotImplementedError
+
+    def rope_frequencies(self) -> tuple[torch.Tensor, float]:
+        """``(inv_freq [D/2] float32, attention_scaling)`` of the draft layers' RoPE."""
+        raise NotImplementedError
+
+    # -- parameters -------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """HF-style init: linears and embeddings N(0, std), norm weights 1."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif m is not self and getattr(m, "weight", None) is not None and m.weight.dim() == 1:
+                m.weight.fill_(1.0)
+
+    def freeze_target_parts(self) -> None:
+        self.embed_tokens.weight.requires_grad_(False)
+        self.lm_head.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def init_from_target(self, target_model: nn.Module) -> "Drafter":
+        """Copy the target's input embeddings and lm_head into the drafter and freeze them."""
+        emb = target_model.get_input_embeddings().weight
+        head = target_model.get_output_embeddings()
+        head = emb if head is None else head.weight
+        for name, src, dst in (("embed_tokens", emb, self.embed_tokens.weight), ("lm_head", head, self.lm_head.weight)):
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(
+                    f"target {name} is {tuple(src.shape)} but the drafter expects {tuple(dst.shape)} "
+                    f"(vocab_size={self.config.vocab_size}, hidden_size={self.config.hidden_size})"
+                )
+            dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+        self.freeze_target_parts()
+        return self
+
+    # -- shared computation -----------------------------------------------------------------
+    def _context(self, target_hidden: torch.Tensor) -> torch.Tensor:
+        """``target_hidden [Bt, S, L*H]`` -> ``ctx [Bt, S, H]`` = hidden_norm(fc(target_hidden))."""
+        want = self.fc.in_features
+        if target_hidden.dim() != 3 or target_hidden.shape[-1] != want:
+            raise ValueError(
+                f"target_hidden must be [Bt, S, L*H] with L*H = {len(self.config.target_layer_ids)}*"
+                f"{self.config.hidden_size} = {want}, got {tuple(target_hidden.shape)}"
+            )
+        return self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
+
+    def _run_layers(self, x, ctx, anchors, keep, block_size):
+        """``x [Bt, N*B, H]`` draft states, ``ctx [Bt, S, H]`` -> final normed states ``[Bt, N*B, H]``."""
+        Bt, S = ctx.shape[:2]
+        pos_ctx = torch.arange(S, device=ctx.device)[None]  # [1, S]
+        pos_draft = layout.draft_positions(anchors, block_size)  # [Bt, N*B]
+        inv_freq = self._inv_freq_on(ctx.device)
+        rope_ctx = rope_cos_sin(inv_freq, self.rope_scaling, pos_ctx, x.dtype)
+        rope_draft = rope_cos_sin(inv_freq, self.rope_scaling, pos_draft, x.dtype)
+        for layer in self.layers:
+            x = layer(x, ctx, rope_draft, rope_ctx, anchors, keep, block_size)
+        return self.norm(x)
+
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """fp32 RoPE frequencies on ``device``, copied once per device (not a buffer: .to(bf16) must not round them)."""
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+        return self.inv_freq
+
+    def _scale_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.embed_scale != 1.0:
+            # Scale in the embedding dtype, as the target's scaled embedding does.
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype, device=x.device)
+        return x
+
+    # -- training forward -------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        target_hidden: torch.Tensor,
+        loss_mask: torch.Tensor,
+        *,
+        anchors: Optional[torch.Tensor] = None,
+        keep: Optional[torch.Tensor] = None,
+        prefix_lens: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> DrafterOutput:
+        """One training forward; never materializes ``[tokens, vocab]`` logits.
+
+        Args:
+            input_ids: ``[Bt, S]`` long. target_hidden: ``[Bt, S, L*H]``. loss_mask: ``[Bt, S]``.
+            anchors, keep: ``[Bt, N]``; drawn with ``layout.sample_anchors`` when None
+                (``keep`` defaults to all True when only anchors are given).
+            prefix_lens: ``[Bt, N]`` visible-prefix lengths; default: drawn per block in D2 mode,
+                1 in DFlash mode.
+            generator: seeds the anchor / prefix-length draws.
+        """
+        cfg = self.config
+        B = cfg.block_size
+        if input_ids.dim() != 2 or loss_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and loss_mask must both be [Bt, S], got {tuple(input_ids.shape)} and {tuple(loss_mask.shape)}"
+            )
+        if target_hidden.shape[:2] != input_ids.shape:
+            raise ValueError(
+                f"target_hidden {tuple(target_hidden.shape)} must be [Bt, S, L*H] with [Bt, S] = {tuple(input_ids.shape)}"
+            )
+        if anchors is None:
+            anchors, keep = layout.sample_anchors(loss_mask, cfg.num_anchors, generator=generator)
+        elif keep is None:
+            keep = torch.ones(anchors.shape, dtype=torch.bool, device=anchors.device)
+        keep = keep.bool()
+        if prefix_lens is None:
+            if cfg.enable_d2_feature:
+                prefix_lens = layout.sample_prefix_lengths(keep, B, cfg.d2_prefix_weight_base, generator=generator)
+            else:
+                prefix_lens = torch.ones(anchors.shape, dtype=torch.long, device=anchors.device)
+
+        x = d2kernels.noise_embedding(
+            self.embed_tokens.weight, input_ids, anchors, keep, prefix_lens,
+            block_size=B, mask_token_id=cfg.mask_token_id, backend=cfg.backend,
+        )  # [Bt, N*B, H]
+        x = self._scale_embeddings(x)
+        ctx = self._context(target_hidden)  # [Bt, S, H]
+        h = self._run_layers(x, ctx, anchors, keep, B)  # [Bt, N*B, H]
+
+        labels, eval_mask, offsets = layout.draft_targets(
+            input_ids, loss_mask, anchors, keep, prefix_lens, B, same_position=cfg.same_position_labels
+        )  # each [Bt, N, B]
+        Bt, N = anchors.shape
+        num, den, correct = d2kernels.decayed_cross_entropy(
+            h.view(Bt, N, B, -1), self.lm_head.weight, labels, eval_mask, offsets,
+            gamma=cfg.loss_decay_gamma, softcap=cfg.final_logit_softcapping,
+            return_correct=True, backend=cfg.backend,
+        )
+        return DrafterOutput(
+            loss_num=num,
+            loss_den=den.detach(),
+            correct_per_slot=correct.long().sum(dim=(0, 1)),
+            count_per_slot=eval_mask.long().sum(dim=(0, 1)),
+            anchors=anchors,
+            keep=keep,
+            prefix_lens=prefix_lens,
+        )
+
+    # -- inference --------------------------------------------------------------------------
+    @torch.no_grad()
+    def draft_logits(self, target_hidden: torch.Tensor, anchors: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of every slot of ``K`` blocks, as the caller built them.
+
+        Args:
+            target_hidden: ``[Bt, S_ctx, L*H]`` target features of the accepted context.
+            anchors: ``[Bt, K]`` long, each in ``[0, S_ctx]``; blocks may share an anchor (D2SD branches).
+            block_ids: ``[Bt, K, B]`` long: anchor token + visible prefix tokens + mask ids.
+        Block ``k`` sees context positions ``j < anchors[:, k]`` and its own ``B`` slots; slot ``i``
+        sits at position ``anchors[:, k] + i``. Returns ``[Bt, K, B, V]`` float32.
+        """
+        if anchors.dim() != 2 or block_ids.dim() != 3 or block_ids.shape[:2] != anchors.shape:
+            raise ValueError(
+                f"anchors must be [Bt, K] and block_ids [Bt, K, B], got {tuple(anchors.shape)} and {tuple(block_ids.shape)}"
+            )
+        Bt, K, B = block_ids.shape
+        S_ctx = target_hidden.shape[1]
+        if anchors.numel() and (int(anchors.min()) < 0 or int(anchors.max()) > S_ctx):
+            raise ValueError(f"anchors must lie in [0, S_ctx={S_ctx}], got {anchors.tolist()}")
+        ctx = self._context(target_hidden)  # [Bt, S_ctx, H]
+        # The kernels want anchor < S; padded rows sit at j >= anchor, so no block ever sees them.
+        if S_ctx == 0 or int(anchors.max()) >= S_ctx:
+            ctx = torch.nn.functional.pad(ctx, (0, 0, 0, int(anchors.max()) + 1 - S_ctx))
+        keep = torch.ones(anchors.shape, dtype=torch.bool, device=anchors.device)
+        x = self._scale_embeddings(self.embed_tokens(block_ids.reshape(Bt, K * B)))  # [Bt, K*B, H]
+        h = self._run_layers(x, ctx, anchors.long(), keep, B)
+        logits = self.lm_head(h).float().view(Bt, K, B, -1)
+        c = self.config.final_logit_softcapping
+        if c is not None:
+            logits = c * torch.tanh(logits / c)
+        return logits
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, format: str = "deepspec") -> None:
+        """Write ``config.json`` + ``model.safetensors``.
+
+        ``format="deepspec"``: every weight under the SPEC names, the whole DrafterConfig in config.json.
+        ``format="dflash"``: the z-lab/SpecForge ``DFlashDraftModel`` layout (no embed_tokens / lm_head).
+        """
+        from .checkpoint import save_drafter
+
+        save_drafter(self, save_directory, format=format)
+
+    @classmethod
+    def from_pretrained(cls, path: str, target: Optional[nn.Module] = None, **kwargs) -> "Drafter":
+        """Load a drafter folder written by ``save_pretrained`` (either format); see ``load_drafter``."""
+        from .checkpoint import load_drafter
+
+        return load_drafter(path, target=target, **kwargs)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"type={c.model_type}, layers={c.num_draft_layers}, block={c.block_size}, "
+            f"target_layers={c.target_layer_ids}, d2={c.enable_d2_feature}"
+        )
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(obj: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")

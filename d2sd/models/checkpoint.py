@@ -1,0 +1,222 @@
+"""Drafter checkpoints in two formats.
+
+``deepspec`` (ours, DeepSpec's layout): ``config.json`` = the DrafterConfig fields (flat, with the
+transformer dims under HF names) + ``architectures: ["D2SDDrafter"]``; ``model.safetensors`` holds
+every weight under the SPEC names, embed_tokens and lm_head included.
+
+``dflash`` (z-lab / SpecForge ``DFlashDraftModel``): ``config.json`` = the drafter's Qwen3 config +
+``block_size``, ``num_target_layers``, ``dflash_config: {target_layer_ids, mask_token_id}``;
+``model.safetensors`` holds ``layers.*``, ``fc``, ``hidden_norm``, ``norm`` only: embed_tokens and
+lm_head come from the target at load time. That model predicts the token at the slot's own
+position, so only same-position drafters (D2 / VP drafters, or ``dflash_labels='same'``) export to it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config import DrafterConfig
+from .base import CONFIG_NAME, DEEPSPEC_ARCH, WEIGHTS_NAME, Drafter, read_json, write_json
+
+__all__ = ["save_drafter", "load_drafter", "detect_format", "FORMATS", "check_dflash_exportable"]
+
+FORMATS = ("deepspec", "dflash")
+DFLASH_ARCH = "DFlashDraftModel"
+TARGET_PARTS = ("embed_tokens.weight", "lm_head.weight")
+# Fields a dflash config.json cannot express; kept under this key so a round trip is lossless.
+D2SD_EXTRA_KEY = "d2sd"
+D2SD_EXTRA_FIELDS = (
+    "num_anchors", "enable_d2_feature", "d2_prefix_weight_base", "loss_decay_gamma", "dflash_labels", "backend",
+)
+
+
+def check_dflash_exportable(cfg: DrafterConfig) -> None:
+    """Raise ``ValueError`` explaining why ``cfg`` cannot be written as a z-lab DFlashDraftModel."""
+    if cfg.model_type != "qwen3":
+        raise ValueError(
+            f"the dflash (z-lab/SpecForge DFlashDraftModel) format is a Qwen3 drafter; this drafter is "
+            f"{cfg.model_type!r}. Use format='deepspec'."
+        )
+    if not cfg.same_position_labels:
+        raise ValueError(
+            "refusing to export a shifted-label DFlash drafter (dflash_labels='shifted', D2 off) to the "
+            "dflash format: DFlashDraftModel's slot k predicts the token AT position anchor+k, while this "
+            "drafter was trained to predict anchor+k+1, so every proposal would be off by one. Export it "
+            "with format='deepspec', or train with dflash_labels='same' (or D2 on) for z-lab/SpecForge."
+        )
+
+
+def _state_dict_cpu(drafter: Drafter) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in drafter.state_dict().items()}
+
+
+def save_drafter(drafter: Drafter, save_directory: str, format: str = "deepspec") -> None:
+    from safetensors.torch import save_file
+
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    cfg = drafter.config
+    sd = _state_dict_cpu(drafter)
+    dtype = drafter.fc.weight.dtype
+    if format == "deepspec":
+        config = {"architectures": [DEEPSPEC_ARCH], **cfg.to_dict(), "torch_dtype": str(dtype).replace("torch.", "")}
+    else:
+        check_dflash_exportable(cfg)
+        from .qwen3 import qwen3_config_of
+
+        config = qwen3_config_of(cfg).to_dict()
+        config.update(
+            architectures=[DFLASH_ARCH],
+            block_size=cfg.block_size,
+            num_target_layers=cfg.num_target_layers,
+            dflash_config={"target_layer_ids": list(cfg.target_layer_ids), "mask_token_id": cfg.mask_token_id},
+            dtype=str(dtype).replace("torch.", ""),
+        )
+        config[D2SD_EXTRA_KEY] = {k: getattr(cfg, k) for k in D2SD_EXTRA_FIELDS}
+        for k in TARGET_PARTS:
+            sd.pop(k)
+    os.makedirs(save_directory, exist_ok=True)
+    write_json(config, os.path.join(save_directory, CONFIG_NAME))
+    save_file(sd, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt", "d2sd_format": format})
+
+
+def detect_format(config: dict) -> Optional[str]:
+    """``"deepspec"``, ``"dflash"`` or None for a parsed config.json."""
+    arch = config.get("architectures") or []
+    if DFLASH_ARCH in arch or "dflash_config" in config:
+        return "dflash"
+    if DEEPSPEC_ARCH in arch or all(k in config for k in ("block_size", "target_layer_ids", "mask_token_id")):
+        return "deepspec"
+    return None
+
+
+def _config_from_dflash(config: dict) -> DrafterConfig:
+    dc = config.get("dflash_config") or {}
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "block_size") if k not in config]
+    missing += [f"dflash_config.{k}" for k in ("target_layer_ids", "mask_token_id") if k not in dc]
+    if missing:
+        raise ValueError(f"dflash config.json lacks {missing}")
+    H, Hq = config["hidden_size"], config["num_attention_heads"]
+    ids = [int(i) for i in dc["target_layer_ids"]]
+    rope = config.get("rope_parameters") or {"rope_type": "default", "rope_theta": config.get("rope_theta", 1e6)}
+    extra = config.get(D2SD_EXTRA_KEY) or {}
+    fields = dict(
+        model_type="qwen3",
+        vocab_size=config["vocab_size"],
+        hidden_size=H,
+        intermediate_size=config["intermediate_size"],
+        num_attention_heads=Hq,
+        num_key_value_heads=config.get("num_key_value_heads") or Hq,
+        head_dim=config.get("head_dim") or H // Hq,
+        hidden_act=config.get("hidden_act", "silu"),
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_parameters=dict(rope),
+        max_position_embeddings=config.get("max_position_embeddings", 40960),
+        attention_bias=bool(config.get("attention_bias", False)),
+        num_target_layers=config.get("num_target_layers") or (max(ids) + 1),
+        target_layer_ids=ids,
+        num_draft_layers=config["num_hidden_layers"],
+        block_size=config["block_size"],
+        mask_token_id=int(dc["mask_token_id"]),
+        # A z-lab DFlash drafter is a same-position DFlash drafter (p = 1, no D2).
+        enable_d2_feature=False,
+        dflash_labels="same",
+    )
+    fields.update({k: v for k, v in extra.items() if k in D2SD_EXTRA_FIELDS})
+    return DrafterConfig(**fields).validate()
+
+
+def _target_text_config(target: Any) -> Any:
+    cfg = getattr(target, "config", target)
+    get_text = getattr(cfg, "get_text_config", None)
+    return get_text() if callable(get_text) else cfg
+
+
+def _check_against_target(cfg: DrafterConfig, target: Any, path: str) -> None:
+    tc = _target_text_config(target)
+    problems = []
+    if getattr(tc, "hidden_size", cfg.hidden_size) != cfg.hidden_size:
+        problems.append(f"hidden_size {cfg.hidden_size} != target's {tc.hidden_size}")
+    if getattr(tc, "vocab_size", cfg.vocab_size) != cfg.vocab_size:
+        problems.append(f"vocab_size {cfg.vocab_size} != target's {tc.vocab_size}")
+    n = getattr(tc, "num_hidden_layers", None)
+    if n is not None:
+        if max(cfg.target_layer_ids) >= n:
+            problems.append(f"target_layer_ids {cfg.target_layer_ids} reach past the target's {n} layers")
+        elif cfg.num_target_layers != n:
+            problems.append(f"num_target_layers {cfg.num_target_layers} != target's {n}")
+    if problems:
+        raise ValueError(f"drafter at {path} does not fit this target: " + "; ".join(problems))
+
+
+def load_drafter(
+    path: str,
+    target: Optional[nn.Module] = None,
+    *,
+    device: Optional[torch.device | str] = None,
+    dtype: Optional[torch.dtype] = None,
+    backend: Optional[str] = None,
+) -> Drafter:
+    """Load a drafter folder of either format (``config.json`` + ``model.safetensors``).
+
+    ``target`` (a transformers model): checked for fit (hidden size, vocab, layer ids); required for
+    the dflash format, whose embed_tokens / lm_head are copied from it. ``dtype`` defaults to the
+    saved weights' dtype; ``backend`` overrides the saved d2kernels backend.
+    """
+    from safetensors.torch import load_file
+
+    from . import drafter_class
+
+    cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"drafter checkpoint folder {path!r} does not exist")
+    if not os.path.isfile(cfg_path) or not os.path.isfile(w_path):
+        raise ValueError(
+            f"{path!r} is not a drafter checkpoint: expected {CONFIG_NAME} and {WEIGHTS_NAME}, found "
+            f"{sorted(os.listdir(path))}"
+        )
+    config = read_json(cfg_path)
+    fmt = detect_format(config)
+    if fmt is None:
+        raise ValueError(
+            f"{cfg_path} is neither a d2sd/DeepSpec drafter (architectures ['{DEEPSPEC_ARCH}'] with block_size, "
+            f"target_layer_ids, mask_token_id) nor a z-lab/SpecForge DFlash drafter (architectures "
+            f"['{DFLASH_ARCH}'] with dflash_config); got architectures={config.get('architectures')}"
+        )
+    cfg = DrafterConfig.from_dict(config).validate() if fmt == "deepspec" else _config_from_dflash(config)
+    if backend is not None:
+        cfg.backend = backend
+    if fmt == "dflash" and target is None:
+        raise ValueError(
+            f"{path!r} is a z-lab/SpecForge DFlash checkpoint without embed_tokens/lm_head: pass the target "
+            "model, load_drafter(path, target=model), to copy them from it"
+        )
+    if target is not None:
+        _check_against_target(cfg, target, path)
+    sd = load_file(w_path)
+    floats = [t.dtype for t in sd.values() if t.is_floating_point()]
+    dtype = dtype or (floats[0] if floats else torch.float32)
+    drafter = drafter_class(cfg.model_type)(cfg).to(dtype)
+    expected = set(drafter.state_dict())
+    missing = expected - set(sd)
+    unexpected = set(sd) - expected
+    allowed_missing = set(TARGET_PARTS) if fmt == "dflash" else set()
+    if unexpected or missing - allowed_missing:
+        raise ValueError(
+            f"weights in {w_path} do not match the {fmt} drafter of its config.json: "
+            f"missing {sorted(missing - allowed_missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
+        )
+    for k, t in sd.items():
+        want = drafter.state_dict()[k].shape
+        if tuple(t.shape) != tuple(want):
+            raise ValueError(f"{w_path}: {k} has shape {tuple(t.shape)}, the config implies {tuple(want)}")
+    drafter.load_state_dict(sd, strict=False)
+    if fmt == "dflash":
+        drafter.init_from_target(target)
+    drafter.freeze_target_parts()
+    if device is not None:
+        drafter = drafter.to(device)
+    return drafter

@@ -1,0 +1,184 @@
+"""Gemma4 drafter: Gemma4 text-layer conventions around the d2kernels ops.
+
+What follows the target (transformers' Gemma4 text model): RMSNorm ``x * w`` in fp32
+(``Gemma4RMSNorm``), per-head q/k RMSNorm and a scale-free v RMSNorm, softmax scale 1.0 (q and k
+are normalized), sandwich norms around attention and MLP, ``gelu_pytorch_tanh`` MLP, input
+embeddings times ``sqrt(hidden)``, final logit softcapping. The draft layers attend over the whole
+context, so they take the geometry of the target's *global* (full-attention) layers: their head
+dim, kv heads and (proportional, partial) RoPE.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+import d2kernels
+
+from ..config import DrafterConfig
+from .base import Drafter, apply_rope
+
+try:
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+except ImportError:  # transformers without Gemma4: the same norm, spelled out
+    class Gemma4RMSNorm(nn.Module):
+        def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+            super().__init__()
+            self.eps, self.with_scale = eps, with_scale
+            if with_scale:
+                self.weight = nn.Parameter(torch.ones(dim))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x.float() * torch.pow(x.float().pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+            if self.with_scale:
+                y = y * self.weight.float()
+            return y.type_as(x)
+
+
+__all__ = ["Gemma4Drafter", "Gemma4DraftAttention", "Gemma4DraftLayer", "gemma4_dims"]
+
+
+def _full_attention_geometry(tc: Any) -> tuple[int, int]:
+    """``(head_dim, num_key_value_heads)`` of the target's full-attention layers."""
+    types = list(getattr(tc, "layer_types", None) or [])
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    per_layer = getattr(tc, "per_layer_config", None)
+    if full and per_layer is not None:
+        # Newer transformers: per-layer overrides (flat head_dim is ambiguous there and raises).
+        lc = per_layer[full[0]]
+        return int(lc.head_dim), int(lc.num_key_value_heads)
+    head_dim, kv = tc.head_dim, tc.num_key_value_heads
+    # Older transformers keep the global-layer geometry in flat fields.
+    if getattr(tc, "global_head_dim", None):
+        head_dim = tc.global_head_dim
+        if getattr(tc, "attention_k_eq_v", False) and getattr(tc, "num_global_key_value_heads", None):
+            kv = tc.num_global_key_value_heads
+    return int(head_dim), int(kv)
+
+
+def gemma4_dims(tc: Any) -> dict:
+    """DrafterConfig dims of a drafter for the Gemma4 text config ``tc``."""
+    head_dim, kv = _full_attention_geometry(tc)
+    rope = getattr(tc, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and "full_attention" in rope:
+        rope = rope["full_attention"]
+    rope = dict(rope or {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0})
+    return dict(
+        hidden_size=tc.hidden_size,
+        intermediate_size=tc.intermediate_size,
+        num_attention_heads=tc.num_attention_heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        hidden_act=getattr(tc, "hidden_activation", None) or getattr(tc, "hidden_act", "gelu_pytorch_tanh"),
+        rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-6),
+        rope_parameters=rope,
+        max_position_embeddings=getattr(tc, "max_position_embeddings", 131072),
+        attention_bias=bool(getattr(tc, "attention_bias", False)),
+        attn_scale=1.0,
+        embed_scale=float(tc.hidden_size) ** 0.5,
+        final_logit_softcapping=getattr(tc, "final_logit_softcapping", None),
+    )
+
+
+def gemma4_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
+    """RoPE inverse frequencies ``[head_dim/2]``: "default" or Gemma4's "proportional" (partial rotary).
+
+    Proportional: the first ``partial_rotary_factor * head_dim / 2`` angles rotate with exponents
+    over the *full* head dim; the rest get frequency 0 (cos 1, sin 0: not rotated).
+    """
+    kind = rope.get("rope_type", "default")
+    base = float(rope["rope_theta"])
+    if kind == "default":
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if kind == "proportional":
+        n_rot = int(rope.get("partial_rotary_factor", 1.0) * head_dim // 2)
+        rot = 1.0 / (base ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.float32) / head_dim))
+        inv = torch.cat([rot, torch.zeros(head_dim // 2 - n_rot)])
+        return inv / float(rope.get("factor", 1.0))
+    raise NotImplementedError(f"Gemma4 drafter: rope_type {kind!r} is not supported (default, proportional)")
+
+
+class Gemma4DraftAttention(nn.Module):
+    """q from draft states, k/v from [context ; draft states]; q/k RMSNorm, scale-free v RMSNorm."""
+
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        H, D = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, D
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else D**-0.5
+        self.backend = cfg.backend
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(H, self.num_heads * D, bias=bias)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * D, H, bias=bias)
+        self.q_norm = Gemma4RMSNorm(D, eps=cfg.rms_norm_eps)
+        self.k_norm = Gemma4RMSNorm(D, eps=cfg.rms_norm_eps)
+        self.v_norm = Gemma4RMSNorm(D, eps=cfg.rms_norm_eps, with_scale=False)
+
+    def _kv(self, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h [Bt, T, H]`` -> ``k, v [Bt, T, Hkv, D]``."""
+        Bt, T, _ = h.shape
+        k = apply_rope(self.k_norm(self.k_proj(h).view(Bt, T, self.num_kv_heads, self.head_dim)), *rope)
+        v = self.v_norm(self.v_proj(h).view(Bt, T, self.num_kv_heads, self.head_dim))
+        return k, v
+
+    def forward(self, x, ctx, rope_draft, rope_ctx, anchors, keep, block_size):
+        """``x [Bt, NB, H]`` draft states, ``ctx [Bt, S, H]`` context -> ``[Bt, NB, H]``."""
+        Bt, NB, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).view(Bt, NB, self.num_heads, self.head_dim)), *rope_draft)
+        k_draft, v_draft = self._kv(x, rope_draft)  # [Bt, NB, Hkv, D]
+        k_ctx, v_ctx = self._kv(ctx, rope_ctx)  # [Bt, S, Hkv, D]
+        o = d2kernels.varprefix_attention(
+            q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep,
+            block_size=block_size, scale=self.scale, backend=self.backend,
+        )  # [Bt, NB, Hq, D]
+        return self.o_proj(o.reshape(Bt, NB, self.num_heads * self.head_dim))
+
+
+class Gemma4DraftMLP(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(H, I, bias=False)
+        self.up_proj = nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+        self.act_fn = ACT2FN[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gemma4DraftLayer(nn.Module):
+    """Sandwich-norm layer: ``x + post(attn(pre(x)))``, then ``x + post_ff(mlp(pre_ff(x)))``."""
+
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.self_attn = Gemma4DraftAttention(cfg)
+        self.mlp = Gemma4DraftMLP(cfg)
+        self.input_layernorm = Gemma4RMSNorm(H, eps=eps)
+        self.post_attention_layernorm = Gemma4RMSNorm(H, eps=eps)
+        self.pre_feedforward_layernorm = Gemma4RMSNorm(H, eps=eps)
+        self.post_feedforward_layernorm = Gemma4RMSNorm(H, eps=eps)
+
+    def forward(self, x, ctx, rope_draft, rope_ctx, anchors, keep, block_size):
+        a = self.self_attn(self.input_layernorm(x), ctx, rope_draft, rope_ctx, anchors, keep, block_size)
+        x = x + self.post_attention_layernorm(a)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma4Drafter(Drafter):
+    """DFlash / D2SD drafter with Gemma4-style decoder layers."""
+
+    def make_norm(self, dim: int) -> nn.Module:
+        return Gemma4RMSNorm(dim, eps=self.config.rms_norm_eps)
+
+    def make_layer(self, idx: int) -> nn.Module:
+        return Gemma4DraftLayer(self.config)
+
+    def rope_frequencies(self) -> tuple[torch.Tensor, float]:
+        return gemma4_inv_freq(self.config.head_dim, self.config.rope_parameters), 1.0
+
