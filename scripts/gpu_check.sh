@@ -28,11 +28,11 @@ stage() {  # name, timeout seconds, command...
 }
 for s in ${STAGES:-tests train attn ce emb}; do
   case $s in
-    tests) stage tests 260 python3 -m pytest tests -q -n 8 -p no:cacheprovider -rfE ;;
-    train) stage train 170 python3 scripts/gpu_train_step.py --max-batch 16 --iters 8 ;;
-    attn)  stage attn 90 python3 scripts/gpu_attention.py --out "$OUT" ;;
-    ce)    stage ce 120 python3 scripts/gpu_cross_entropy.py ;;
-    emb)   stage emb 60 python3 -m pytest benchmarks/test_embedding.py -q -p no:cacheprovider --benchmark-columns=median,rounds ;;
+    tests) stage tests 230 python3 -m pytest tests -q -n 8 -p no:cacheprovider -rfE ;;
+    train) stage train 180 python3 scripts/gpu_train_step.py --max-batch 16 --iters 8 ;;
+    attn)  stage attn 80 python3 scripts/gpu_attention.py --out "$OUT" ;;
+    ce)    stage ce 100 python3 scripts/gpu_cross_entropy.py ;;
+    emb)   stage emb 45 python3 -m pytest benchmarks/test_embedding.py -q -p no:cacheprovider --benchmark-columns=median,rounds ;;
   esac
 done
 echo "===== summary"
