@@ -50,10 +50,13 @@ class CEConfig:
     finalize_h: int = 256
 
 
-def _config(device: torch.device) -> CEConfig:
+def _config(device: torch.device, dot_dtype: torch.dtype) -> CEConfig:
     if device.type != "cuda":  # Triton interpreter: small tiles keep CPU tests fast
         return CEConfig(block_m=32, block_n=64, block_k=16, block_h=64, num_warps=4, num_stages=1,
                         stats_cols=2, finalize_m=32, finalize_h=64)
+    if dot_dtype == torch.float32:
+        # 4-byte tiles: 4 stages asked 329 KB of shared memory on the H200 (limit 227 KB); 2 halve it
+        return CEConfig(num_stages=2)
     return CEConfig()
 
 
@@ -409,8 +412,8 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
     rows32 = rows.to(torch.int32)
     lab_c = labels[rows].to(torch.int32)
     tw_c = tw[rows].contiguous()
-    cfg = _config(dev)
     dot_dtype = _dot_dtype(hidden, weight)
+    cfg = _config(dev, dot_dtype)
     p_dtype = weight.dtype  # P meets W in the second matmul
     Tb, Vc = _plan(Tc, H, V, p_dtype.itemsize, cfg, need_dh)
     n_chunks = triton.cdiv(V, Vc)
@@ -483,8 +486,8 @@ def _dweight(grad_num, hidden, weight, labels, token_weights, lse, softcap: floa
     Tc = rows.numel()
     if Tc == 0:
         return torch.zeros_like(weight)
-    cfg = _config(dev)
     dot_dtype = _dot_dtype(hidden, weight)
+    cfg = _config(dev, dot_dtype)
     rows32 = rows.to(torch.int32)
     lab_c = labels[rows].to(torch.int32)
     tw_c = tw[rows].contiguous()
