@@ -1,0 +1,300 @@
+"""Chat data -> ``input_ids [S]`` / ``loss_mask [S]`` samples, batching, and a resumable sampler.
+
+A record is ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}``;
+DeepSpec's regenerated records (``"conversations"``, extra keys ignored), ShareGPT turns
+(``{"from": "human"|"gpt", "value": ...}``) and OpenAI content-part lists are accepted too.
+``loss_mask`` is 1 exactly on the tokens of assistant turns as the chat template renders them:
+the content and the end-of-turn token, not the template's trailing newline. Real pipelines
+regenerate the assistant turns with the target (:func:`regenerate_with_target`), so the drafter
+learns the target's own distribution.
+
+    samples, stats = load_chat_jsonl("train.jsonl", tokenizer, max_length=2048)
+    batch = collate(samples[:4], tokenizer.pad_token_id)     # input_ids / loss_mask / attention_mask [4, S]
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator, Sequence
+
+import torch
+
+from .corpus import make_problems
+
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
+# ----------------------------------------------------------------------------- built-in corpus
+
+def builtin_prompts(n: int = 64, seed: int = 0) -> list[str]:
+    """``n`` user prompts from the arithmetic corpus (``d2sd.corpus``), deterministic in ``seed``.
+
+    The tiny target was trained on seed 1 and evaluated on seed 2; seed 0 (default) is a third draw.
+    """
+    return [prompt for prompt, _ in make_problems(n, seed=seed)]
+
+
+def builtin_records(n: int = 64, seed: int = 0) -> list[dict]:
+    """Chat records with the corpus' reference answers (no target needed)."""
+    return [_chat_record(p, a) for p, a in make_problems(n, seed=seed)]
+
+
+def _chat_record(prompt: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+
+
+def regenerate_with_target(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
+                           batch_size: int = 32) -> list[dict]:
+    """Chat records whose assistant turn is the target's greedy answer to each prompt."""
+    from .target import generate
+
+    answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [_chat_record(p, a) for p, a in zip(prompts, answers)]
+
+
+generate_responses = regenerate_with_target
+
+
+def default_corpus(n: int = 256, seed: int = 0, target=None, tokenizer=None, max_new_tokens: int = 64,
+                   regenerate: bool = True) -> list[dict]:
+    """The built-in training records: ``n`` corpus prompts answered by the target.
+
+    ``target``/``tokenizer`` default to the shipped tiny target; ``regenerate=False`` keeps the
+    corpus' reference answers instead (no model run).
+    """
+    if not regenerate:
+        return builtin_records(n, seed)
+    if target is None:
+        from .assets import tiny_target_path
+        from .target import load_target
+
+        target, loaded_tok = load_target(tiny_target_path())
+        tokenizer = tokenizer or loaded_tok
+    if tokenizer is None:
+        raise ValueError("pass the target's tokenizer with target=")
+    return regenerate_with_target(target, tokenizer, builtin_prompts(n, seed), max_new_tokens)
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+def _messages(record: dict) -> list[dict]:
+    turns = record.get("messages", record.get("conversations")) if isinstance(record, dict) else None
+    if not isinstance(turns, list):
+        raise ValueError("record has no 'messages' (or 'conversations') list")
+    out = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise ValueError(f"a turn must be an object, got {type(turn).__name__}")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if isinstance(content, list):  # OpenAI-style parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content
+                              if isinstance(p, dict) and p.get("type", "text") == "text")
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise ValueError(f"a turn needs string 'role' and 'content', got {sorted(turn)}")
+        out.append({"role": ROLE_ALIASES.get(role, role), "content": content})
+    return out
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _assistant_char_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendered text and the character span of every assistant turn in it.
+
+    Span of turn i = render(turns[:i+1]) minus render(turns[:i], generation prompt), both being
+    prefixes of the full text; trailing whitespace (the template's newline) is left out.
+    """
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        head = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _render(tokenizer, messages[:i + 1], add_generation_prompt=False)
+        if not (upto.startswith(head) and full.startswith(upto)):
+            raise ValueError("chat template does not render turns as prefixes; cannot locate assistant tokens")
+        end = len(upto.rstrip())
+        if end > len(head):
+            spans.append((len(head), end))
+    return full, spans
+
+
+def _tokenize(record: dict, tokenizer, max_length: int | None) -> tuple[dict, bool]:
+    messages = _messages(record)
+    text, spans = _assistant_char_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    # a token is supervised when its first character lies in an assistant span
+    mask = [int(any(s <= a < e for s, e in spans) and b > a) for a, b in enc["offset_mapping"]]
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids, mask = ids[:max_length], mask[:max_length]
+    sample = {"input_ids": torch.tensor(ids, dtype=torch.long), "loss_mask": torch.tensor(mask, dtype=torch.long)}
+    return sample, truncated
+
+
+def tokenize_chat(record: dict, tokenizer, max_length: int | None = None) -> dict:
+    """One chat record -> ``{"input_ids": long [S], "loss_mask": long [S]}`` via the chat template.
+
+    ``loss_mask`` is 1 on assistant tokens (content + end-of-turn token). Sequences longer than
+    ``max_length`` are cut to ``max_length``. Needs a fast tokenizer (offset mapping).
+    """
+    return _tokenize(record, tokenizer, max_length)[0]
+
+
+def load_chat_jsonl(path, tokenizer, max_length: int | None = None) -> tuple[list[dict], dict]:
+    """Read a chat JSONL file; returns ``(samples, stats)``.
+
+    Blank lines are ignored. Malformed JSON or a record without a messages list raises
+    ValueError naming ``path:line``. Records with no supervised (assistant) token left are
+    skipped; sequences over ``max_length`` are truncated. ``stats``: ``records``, ``samples``,
+    ``skipped_no_assistant``, ``truncated``, ``tokens``, ``supervised_tokens``.
+    """
+    path = os.fspath(path)
+    samples = []
+    stats = {"records": 0, "samples": 0, "skipped_no_assistant": 0, "truncated": 0, "tokens": 0,
+             "supervised_tokens": 0}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            stats["records"] += 1
+            try:
+                sample, truncated = _tokenize(record, tokenizer, max_length)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
+            if int(sample["loss_mask"].sum()) == 0:
+                stats["skipped_no_assistant"] += 1
+                continue
+            stats["truncated"] += int(truncated)
+            stats["samples"] += 1
+            stats["tokens"] += len(sample["input_ids"])
+            stats["supervised_tokens"] += int(sample["loss_mask"].sum())
+            samples.append(sample)
+    return samples, stats
+
+
+def write_chat_jsonl(path, records: Sequence[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------- batching
+
+def collate(samples: Sequence[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
+    """Right-pad samples into a batch.
+
+    Returns ``input_ids [Bt, S]`` long (pad = ``pad_id``), ``loss_mask [Bt, S]`` long (0 on pad),
+    ``attention_mask [Bt, S]`` long (1 = real token); plus ``target_hidden [Bt, S, L*H]`` (zeros on
+    pad) when every sample carries one (cache samples).
+    """
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    lengths = [len(s["input_ids"]) for s in samples]
+    width = -(-max(lengths) // pad_to_multiple_of) * pad_to_multiple_of
+    Bt = len(samples)
+    input_ids = torch.full((Bt, width), int(pad_id), dtype=torch.long)
+    loss_mask = torch.zeros((Bt, width), dtype=torch.long)
+    attention_mask = torch.zeros((Bt, width), dtype=torch.long)
+    for i, (s, n) in enumerate(zip(samples, lengths)):
+        input_ids[i, :n] = torch.as_tensor(s["input_ids"], dtype=torch.long)
+        loss_mask[i, :n] = torch.as_tensor(s["loss_mask"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+    batch = {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask}
+    if all("target_hidden" in s for s in samples):
+        first = samples[0]["target_hidden"]
+        hidden = first.new_zeros((Bt, width, first.shape[-1]))  # [Bt, S, L*H]
+        for i, (s, n) in enumerate(zip(samples, lengths)):
+            hidden[i, :n] = s["target_hidden"]
+        batch["target_hidden"] = hidden
+    return batch
+
+
+class ResumableSampler:
+    """Deterministic shuffled sample order that can stop anywhere and resume exactly.
+
+    Epoch ``e`` visits ``randperm(num_samples)`` seeded by ``(seed, e)`` (identity order when
+    ``shuffle=False``); with ``world_size > 1`` rank ``r`` takes every ``world_size``-th index of
+    that order (the tail that does not divide evenly is dropped, so ranks stay in step).
+    State is ``{"epoch", "position"}`` (position = indices of this rank already handed out in the
+    current epoch); ``state_dict()`` / ``load_state_dict()`` round-trip it.
+
+        sampler = ResumableSampler(len(samples), seed=0)
+        idx = sampler.next_batch(8)            # crosses epoch boundaries as needed
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        if num_samples < world_size:
+            raise ValueError(f"{num_samples} samples cannot be split over {world_size} ranks")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.position = 0
+        self._order_epoch = None
+        self._order = None
+
+    @property
+    def per_rank(self) -> int:
+        return self.num_samples // self.world_size
+
+    def _epoch_order(self) -> list[int]:
+        if self._order_epoch != self.epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+                order = torch.randperm(self.num_samples, generator=g)
+            else:
+                order = torch.arange(self.num_samples)
+            self._order = order[: self.per_rank * self.world_size][self.rank::self.world_size].tolist()
+            self._order_epoch = self.epoch
+        return self._order
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        """The rest of the current epoch; then the state moves to the next epoch."""
+        order = self._epoch_order()
+        while self.position < len(order):
+            idx = order[self.position]
+            self.position += 1
+            yield idx
+        self.epoch += 1
+        self.position = 0
+
+    def next_batch(self, batch_size: int) -> list[int]:
+        """The next ``batch_size`` indices of this rank, continuing into the next epoch when needed."""
+        out = []
+        while len(out) < batch_size:
+            order = self._epoch_order()
+            take = order[self.position:self.position + batch_size - len(out)]
+            out.extend(take)
+            self.position += len(take)
+            if self.position >= len(order):
+                self.epoch += 1
+                self.position = 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "num_samples": self.num_samples, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "num_samples", "world_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state[key]}, this sampler has {getattr(self, key)}")
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
