@@ -7,6 +7,7 @@ from . import layout
 from .attention import varprefix_attention
 from .cross_entropy import decayed_cross_entropy
 from .embedding import noise_embedding
+from ._checks import set_validation, validation
 from .layout import (
     decay_weights,
     draft_positions,
@@ -29,4 +30,6 @@ __all__ = [
     "draft_positions",
     "draft_targets",
     "decay_weights",
+    "set_validation",
+    "validation",
 ]

@@ -1,6 +1,9 @@
 """Input validation shared by every op: one place for the error messages."""
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -41,19 +44,54 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
     return first
 
 
+_VALIDATION_MODES = ("sync", "async", "off")
+_validation = os.environ.get("D2KERNELS_VALIDATE", "sync")
+if _validation not in _VALIDATION_MODES:
+    raise ValueError(f"D2KERNELS_VALIDATE must be one of {_VALIDATION_MODES}, got {_validation!r}")
+
+
+def set_validation(mode: str) -> str:
+    """How data-dependent checks (ids, labels, anchors in range) run; returns the previous mode.
+
+    ``"sync"`` (default): a ValueError naming the bad values (one host sync per check).
+    ``"async"``: on CUDA a device-side assert that never stalls the host; a failure surfaces at
+    the next sync and leaves the CUDA context unusable, so use it only on data you trust.
+    ``"off"``: no check (callers that validated their inputs once, e.g. a model's forward).
+    """
+    global _validation
+    if mode not in _VALIDATION_MODES:
+        raise ValueError(f"validation mode must be one of {_VALIDATION_MODES}, got {mode!r}")
+    prev, _validation = _validation, mode
+    return prev
+
+
+@contextlib.contextmanager
+def validation(mode: str):
+    """``with d2kernels.validation("off"): ...`` sets the mode for a block (see ``set_validation``)."""
+    prev = set_validation(mode)
+    try:
+        yield
+    finally:
+        set_validation(prev)
+
+
 def check_range(name: str, t: torch.Tensor, low: int, high: int, where: torch.Tensor | None = None) -> None:
-    """Raise if any (selected) value is outside ``[low, high)`` (one device sync)."""
-    if t.numel() == 0:
+    """Check that every (selected) value lies in ``[low, high)`` (see ``set_validation``).
+
+    Skipped while ``torch.compile`` traces, where a data-dependent branch would break the graph.
+    """
+    if t.numel() == 0 or _validation == "off" or torch.compiler.is_compiling():
         return
     bad = (t < low) | (t >= high)
     if where is not None:
         bad = bad & where
+    msg = f"{name} out of range [{low}, {high})"
+    if t.device.type == "cuda" and _validation == "async":
+        torch._assert_async(~bad.any(), msg)
+        return
     if bool(bad.any()):
         vals = t[bad]
-        raise ValueError(
-            f"{name} out of range [{low}, {high}): {int(bad.sum())} bad value(s), "
-            f"e.g. {vals[:4].tolist()}"
-        )
+        raise ValueError(f"{msg}: {int(bad.sum())} bad value(s), e.g. {vals[:4].tolist()}")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -2,12 +2,13 @@
 
 With no arguments it runs the embedded demo: the shipped tiny Qwen3 target regenerates the
 responses of the built-in prompts, its hidden states are extracted online, and a VP drafter
-(preset ``tiny``, D2 on) trains on the CPU with the torch backend in about a minute.
+(preset ``tiny``, D2 on) trains on the CPU with the torch backend (about 30 s on 2 idle cores).
 
 Real runs name a target and data::
 
-    python -m d2sd.train --target Qwen/Qwen3-8B --data chats.jsonl --preset qwen3-8b
-    torchrun --nproc_per_node 8 -m d2sd.train --target ... --data ... --preset qwen3-8b
+    python -m d2sd.train --target /models/Qwen3-8B --data chats.jsonl --preset qwen3-8b
+    python -m d2sd.train --target /models/Qwen3-8B --cache cache/ --preset qwen3-8b
+    torchrun --nproc_per_node 8 -m d2sd.train --target ... --data ... --preset qwen3-8b [--fsdp]
     python -m d2sd.train --resume runs/qwen3-8b-20260101-120000
 
 ``main()`` is config -> data -> model -> loop; every knob has a ``--help`` line.
@@ -26,7 +27,7 @@ import signal
 import sys
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -59,7 +60,8 @@ class UsageError(Exception):
 
 
 def log(msg: str) -> None:
-    print(f"[d2sd] {msg}", flush=True)
+    if os.environ.get("RANK", "0") == "0":  # one copy of each message under torchrun
+        print(f"[d2sd] {msg}", flush=True)
 
 
 # ============================================================================ config
@@ -89,9 +91,10 @@ def _add_dataclass_options(group, cls, names: dict[str, str] | None = None) -> N
     for name in names or defaults:
         f = defaults[name]
         t, optional = _field_type(cls, name)
-        help_ = (names or {}).get(name) or f.metadata.get("help", name.replace("_", " "))
-        if f.default is not dataclasses.MISSING:
-            help_ += f" (default {f.default}; a preset may set it)"
+        if names:
+            help_ = names[name] + " (default: the preset's, else derived from the target)"
+        else:
+            help_ = f.metadata.get("help", name.replace("_", " ")) + f" (default {f.default}; a preset may set it)"
         flag = "--" + name.replace("_", "-")
         origin = typing.get_origin(t) or t
         if t is bool:
@@ -114,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     g = p.add_argument_group("run")
-    g.add_argument("--target", help="target model dir or hub id (default: the shipped tiny Qwen3)")
+    g.add_argument("--target", help="target model dir, Hugging Face layout (default: the shipped tiny Qwen3)")
     g.add_argument("--data", help="chat JSONL file ({'messages': [...]} per line)")
     g.add_argument("--cache", help="DeepSpec-style offline target cache dir (written by python -m d2sd.cache)")
     g.add_argument("--preset", choices=sorted(PRESETS), help="named hyperparameters (default: tiny)")
@@ -171,6 +174,10 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
             opts["out"] = str(resume_from.parent.parent)
     else:
         opts = {k: v for k, v in given.items() if k not in NOT_REPLAYED}
+    for k in ("target", "data", "cache"):
+        # Absolute, so that --resume works from any working directory.
+        if k in given and given[k]:
+            opts[k] = os.path.abspath(os.path.expanduser(given[k]))
     preset_name = opts.get("preset", "tiny")
     preset = get_preset(preset_name)
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -182,6 +189,8 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
     _check_train_config(train)
     out = Path(opts["out"]) if "out" in opts else Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     opts.setdefault("out", str(out))
+    if resume_from is None and ckpt.list_checkpoints(out / "checkpoints"):
+        raise UsageError(f"{out} already holds checkpoints: continue it with --resume {out}, or pick another --out")
     return Run(
         opts=opts, preset=preset_name, train=train, drafter_args=drafter_args,
         target=opts.get("target"), data=opts.get("data"), cache=opts.get("cache"), out=out,
@@ -259,6 +268,18 @@ def check_target_matches(run: Run, model) -> None:
             )
 
 
+def fill_mask_token(run: Run, tokenizer) -> None:
+    """Without a preset / --mask-token-id, use the tokenizer's mask token (e.g. the tiny target's ``<|mask|>``)."""
+    if "mask_token_id" in run.drafter_args:
+        return
+    mid = tokenizer.mask_token_id
+    if mid is None:
+        mid = tokenizer.get_vocab().get("<|mask|>")
+    if mid is not None:
+        run.drafter_args["mask_token_id"] = int(mid)
+        log(f"mask token id {mid} (from the tokenizer)")
+
+
 def load_examples(run: Run, target, tokenizer):
     """Training samples ``{input_ids, loss_mask[, target_hidden]}`` (a list, or a lazy cache view)."""
     from . import data
@@ -288,7 +309,7 @@ def load_examples(run: Run, target, tokenizer):
     return samples
 
 
-EMBEDDED_PROMPTS = 64
+EMBEDDED_PROMPTS = 256
 
 
 def _tokenize_records(records, tokenizer, max_length: int) -> tuple[list[dict], dict]:
@@ -625,6 +646,7 @@ class Metrics:
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
         except ImportError:
+            log("tensorboard is not installed: metrics go to metrics.jsonl only")
             self.tb = None
 
     def log(self, row: dict) -> None:
@@ -726,7 +748,8 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
             acc_slot = [c / n if n else None for c, n in zip(s.correct.tolist(), s.count.tolist())]
             acc = float(s.correct.sum()) / max(1, int(s.count.sum()))
             bar.update(1)
-            bar.set_postfix(loss=f"{s.loss:.3f}", acc=f"{acc:.3f}", tok_s=f"{s.tokens / dt:.0f}")
+            slots = "/".join("-" if a is None else f"{a:.2f}" for a in acc_slot)
+            bar.set_postfix(loss=f"{s.loss:.3f}", acc=f"{acc:.3f}", acc_slot=slots, tok_s=f"{s.tokens / dt:.0f}")
             if step % t.log_every == 0 or step == t.max_steps:
                 metrics.log({
                     "step": step, "loss": s.loss, "acc": acc, "acc_per_slot": acc_slot, "lr": lr,
@@ -774,6 +797,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # With an offline cache the target only lends its embeddings / lm_head: keep it on the CPU.
         target, tokenizer = load_target_model(run, torch.device("cpu") if run.cache else info.device)
         check_target_matches(run, target)
+        fill_mask_token(run, tokenizer)
         pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         examples = load_examples(run, target, tokenizer)
         drafter, model = build_model(run, target, info)

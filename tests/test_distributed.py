@@ -177,3 +177,25 @@ def test_torchrun_trainer_matches_single_process(tmp_path):
 
     (final,) = ckpt.list_checkpoints(tmp_path / "two" / "checkpoints")
     assert ckpt.load_trainer_state(final)["world_size"] == 2
+
+
+def test_fsdp_trainer_resumes_exactly(tmp_path):
+    data = tmp_path / "chats.jsonl"
+    from d2sd import checkpoint as ckpt
+    from d2sd.data import builtin_records, write_chat_jsonl
+
+    write_chat_jsonl(data, builtin_records(8, seed=5))
+    out = tmp_path / "run"
+    _torchrun(["-m", "d2sd.train", "--fsdp", "--data", str(data), "--max-steps", "4", "--save-every", "2",
+               "--log-every", "1", "--global-batch-size", "4", "--micro-batch-size", "1", "--num-anchors", "8",
+               "--max-length", "96", "--out", str(out)])
+    want = (out / "metrics.jsonl").read_text().splitlines()
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / ckpt.step_dir_name(4))
+    text = _torchrun(["-m", "d2sd.train", "--resume", str(out)])
+    assert text.count("resumed from") == 1 and ckpt.step_dir_name(2) in text
+    got = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["loss"] for r in got] == [json.loads(r)["loss"] for r in want]
+    state = ckpt.load_trainer_state(out / "checkpoints" / ckpt.step_dir_name(4))
+    assert state["fsdp"] is True and state["world_size"] == 2

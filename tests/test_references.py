@@ -200,3 +200,26 @@ def test_draft_ids_match_embedding_rows():
     W = torch.eye(20)
     emb = noise_embedding(W, ids, a, keep, p, block_size=4, mask_token_id=19, backend="torch")
     assert torch.equal(emb.argmax(-1), layout.draft_token_ids(ids, a, keep, p, 4, 19))
+
+
+def test_validation_modes():
+    import d2kernels
+
+    W = torch.randn(10, 4)
+    args = (torch.randn(2, 4), W, torch.tensor([1, 10]), torch.ones(2, dtype=torch.bool), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="validation mode"):
+        d2kernels.set_validation("sometimes")
+    prev = d2kernels.set_validation("sync")
+    try:
+        with pytest.raises(ValueError, match="labels out of range"):
+            decayed_cross_entropy(*args[:2], torch.tensor([1, 10]), *args[3:], gamma=None)
+        d2kernels.set_validation("off")
+        from d2kernels._checks import check_range
+
+        check_range("ids", torch.tensor([5]), 0, 3)  # off: not checked
+        with d2kernels.validation("sync"):
+            with pytest.raises(ValueError, match="ids out of range"):
+                check_range("ids", torch.tensor([5]), 0, 3)
+        check_range("ids", torch.tensor([5]), 0, 3)  # the block restored "off"
+    finally:
+        d2kernels.set_validation(prev)

@@ -189,6 +189,13 @@ def _main_error(argv, capsys):
     return capsys.readouterr().err
 
 
+def test_fresh_run_into_a_used_run_dir_is_refused(reference_run, data_file, capsys):
+    before = sorted(p.name for p in ckpt.list_checkpoints(reference_run[0] / "checkpoints"))
+    err = _main_error(["--data", str(data_file), "--out", str(reference_run[0])], capsys)
+    assert "already holds checkpoints" in err and "--resume" in err
+    assert sorted(p.name for p in ckpt.list_checkpoints(reference_run[0] / "checkpoints")) == before
+
+
 def test_missing_target_path(capsys, data_file, tmp_path):
     err = _main_error(["--target", str(tmp_path / "no-such-model"), "--data", str(data_file)], capsys)
     assert "target path" in err and "does not exist" in err and "no-such-model" in err

@@ -12,14 +12,13 @@ from typing import Optional
 import torch
 
 from .._checks import check_block_size, check_float_tensor, check_int_tensor, check_same_device, resolve_backend
-from .._ops import fast_impl
+from .._ops import eager_function, fast_impl, pick, with_backward_op
 from .naive import varprefix_attention_naive, varprefix_mask
 
 __all__ = ["varprefix_attention", "varprefix_attention_naive", "varprefix_mask"]
 
 
-@torch.library.custom_op("d2kernels::varprefix_attention_fwd", mutates_args=())
-def _attn_fwd(
+def _attn_fwd_impl(
     q: torch.Tensor,
     k_ctx: torch.Tensor,
     v_ctx: torch.Tensor,
@@ -36,14 +35,16 @@ def _attn_fwd(
     )
 
 
+_attn_fwd = torch.library.custom_op("d2kernels::varprefix_attention_fwd", mutates_args=())(_attn_fwd_impl)
+
+
 @_attn_fwd.register_fake
 def _(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, block_size, scale, impl):
     Bt, NB, Hq, _ = q.shape
     return torch.empty_like(q), q.new_empty((Bt, Hq, NB), dtype=torch.float32)
 
 
-@torch.library.custom_op("d2kernels::varprefix_attention_bwd", mutates_args=())
-def _attn_bwd(
+def _attn_bwd_impl(
     do: torch.Tensor,
     q: torch.Tensor,
     k_ctx: torch.Tensor,
@@ -63,6 +64,9 @@ def _attn_bwd(
     )
 
 
+_attn_bwd = torch.library.custom_op("d2kernels::varprefix_attention_bwd", mutates_args=())(_attn_bwd_impl)
+
+
 @_attn_bwd.register_fake
 def _(do, q, k_ctx, v_ctx, k_draft, v_draft, o, lse, anchors, keep, block_size, scale, impl):
     return tuple(torch.empty_like(t) for t in (q, k_ctx, v_ctx, k_draft, v_draft))
@@ -78,11 +82,14 @@ def _attn_setup(ctx, inputs, output):
 def _attn_backward(ctx, do, dlse):
     q, k_ctx, v_ctx, k_draft, v_draft, o, lse, anchors, keep = ctx.saved_tensors
     block_size, scale, impl = ctx.opts
-    grads = _attn_bwd(do.contiguous(), q, k_ctx, v_ctx, k_draft, v_draft, o, lse, anchors, keep, block_size, scale, impl)
+    grads = ctx.bwd(do.contiguous(), q, k_ctx, v_ctx, k_draft, v_draft, o, lse, anchors, keep, block_size, scale, impl)
     return (*grads, None, None, None, None, None)
 
 
-torch.library.register_autograd("d2kernels::varprefix_attention_fwd", _attn_backward, setup_context=_attn_setup)
+torch.library.register_autograd(
+    "d2kernels::varprefix_attention_fwd", _attn_backward, setup_context=with_backward_op(_attn_setup, _attn_bwd)
+)
+_attn_eager = eager_function(_attn_fwd_impl, with_backward_op(_attn_setup, _attn_bwd_impl), _attn_backward)
 
 
 def _validate(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, block_size):
@@ -157,5 +164,5 @@ def varprefix_attention(
     impl = resolve_backend(backend, q.device)
     if impl == "torch":
         return varprefix_attention_naive(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, B, scale)
-    o, _ = _attn_fwd(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, B, scale, impl)
+    o, _ = pick(_attn_fwd, _attn_eager)(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, B, scale, impl)
     return o

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .._checks import check_float_tensor, check_int_tensor, check_range, check_same_device, resolve_backend
-from .._ops import fast_impl
+from .._ops import eager_function, fast_impl, pick, with_backward_op
 from ..layout import decay_weights
 from .naive import decayed_cross_entropy_naive
 
@@ -27,24 +27,36 @@ class CEOptions:
     return_correct: bool = False
 
 
-@torch.library.custom_op("d2kernels::decayed_ce_fwd", mutates_args=())
-def _ce_fwd(
+def _ce_fwd_impl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     token_weights: torch.Tensor,
     softcap: float,
     return_correct: bool,
+    need_dhidden: bool,
     impl: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> ``num`` (0-dim f32), ``den`` (0-dim f32), ``lse [T]`` f32, ``correct [T]`` bool (empty if not asked)."""
-    return fast_impl(impl, "cross_entropy").decayed_ce_fwd(
-        hidden, weight, labels, token_weights, CEOptions(softcap, return_correct)
-    )
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ``num`` (0-dim f32), ``den`` (0-dim f32), ``lse [T]`` f32, ``correct [T]`` bool (empty if not asked),
+    ``dh_unit [T, H]`` = d num / d hidden in hidden's dtype (empty unless ``need_dhidden``)."""
+    mod = fast_impl(impl, "cross_entropy")
+    opts = CEOptions(softcap, return_correct)
+    if need_dhidden and hasattr(mod, "decayed_ce_fwd_with_grad"):
+        # a backend that gets d num / d hidden in its forward pass saves the backward's matmuls
+        return mod.decayed_ce_fwd_with_grad(hidden, weight, labels, token_weights, opts)
+    num, den, lse, correct = mod.decayed_ce_fwd(hidden, weight, labels, token_weights, opts)
+    dh_unit = hidden.new_empty((0,))
+    if need_dhidden:
+        one = torch.ones((), dtype=torch.float32, device=hidden.device)
+        dh_unit = mod.decayed_ce_bwd(one, hidden, weight, labels, token_weights, lse, opts, True, False)[0]
+    return num, den, lse, correct, dh_unit
+
+
+_ce_fwd = torch.library.custom_op("d2kernels::decayed_ce_fwd", mutates_args=())(_ce_fwd_impl)
 
 
 @_ce_fwd.register_fake
-def _(hidden, weight, labels, token_weights, softcap, return_correct, impl):
+def _(hidden, weight, labels, token_weights, softcap, return_correct, need_dhidden, impl):
     T = hidden.shape[0]
     f32 = torch.float32
     return (
@@ -52,11 +64,11 @@ def _(hidden, weight, labels, token_weights, softcap, return_correct, impl):
         hidden.new_empty((), dtype=f32),
         hidden.new_empty((T,), dtype=f32),
         hidden.new_empty((T if return_correct else 0,), dtype=torch.bool),
+        torch.empty_like(hidden) if need_dhidden else hidden.new_empty((0,)),
     )
 
 
-@torch.library.custom_op("d2kernels::decayed_ce_bwd", mutates_args=())
-def _ce_bwd(
+def _ce_bwd_impl(
     grad_num: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -74,6 +86,9 @@ def _ce_bwd(
     )
 
 
+_ce_bwd = torch.library.custom_op("d2kernels::decayed_ce_bwd", mutates_args=())(_ce_bwd_impl)
+
+
 @_ce_bwd.register_fake
 def _(grad_num, hidden, weight, labels, token_weights, lse, softcap, need_dhidden, need_dweight, impl):
     dh = torch.empty_like(hidden) if need_dhidden else hidden.new_empty((0,))
@@ -82,24 +97,30 @@ def _(grad_num, hidden, weight, labels, token_weights, lse, softcap, need_dhidde
 
 
 def _ce_setup(ctx, inputs, output):
-    hidden, weight, labels, token_weights, softcap, return_correct, impl = inputs
-    ctx.save_for_backward(hidden, weight, labels, token_weights, output[2])
-    ctx.opts = (softcap, impl)
+    hidden, weight, labels, token_weights, softcap, return_correct, need_dhidden, impl = inputs
+    ctx.save_for_backward(hidden, weight, labels, token_weights, output[2], output[4])
+    ctx.opts = (softcap, need_dhidden, impl)
 
 
-def _ce_backward(ctx, grad_num, grad_den, grad_lse, grad_correct):
-    hidden, weight, labels, token_weights, lse = ctx.saved_tensors
-    softcap, impl = ctx.opts
+def _ce_backward(ctx, grad_num, grad_den, grad_lse, grad_correct, grad_dh_unit):
+    hidden, weight, labels, token_weights, lse, dh_unit = ctx.saved_tensors
+    softcap, stashed, impl = ctx.opts
     need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dh = dw = None
-    if need_dh or need_dw:
-        dh_, dw_ = _ce_bwd(grad_num.float(), hidden, weight, labels, token_weights, lse, softcap, need_dh, need_dw, impl)
-        dh = dh_ if need_dh else None
+    if need_dh and stashed:
+        dh = dh_unit * grad_num.float()  # num is linear in its per-token terms: scale the stash
+    bwd_dh = need_dh and not stashed
+    if bwd_dh or need_dw:
+        dh_, dw_ = ctx.bwd(grad_num.float(), hidden, weight, labels, token_weights, lse, softcap, bwd_dh, need_dw, impl)
+        dh = dh_ if bwd_dh else dh
         dw = dw_ if need_dw else None
-    return dh, dw, None, None, None, None, None
+    return dh, dw, None, None, None, None, None, None
 
 
-torch.library.register_autograd("d2kernels::decayed_ce_fwd", _ce_backward, setup_context=_ce_setup)
+torch.library.register_autograd(
+    "d2kernels::decayed_ce_fwd", _ce_backward, setup_context=with_backward_op(_ce_setup, _ce_bwd)
+)
+_ce_eager = eager_function(_ce_fwd_impl, with_backward_op(_ce_setup, _ce_bwd_impl), _ce_backward)
 
 
 def decayed_cross_entropy(
@@ -151,7 +172,10 @@ def decayed_cross_entropy(
     if impl == "torch":
         num, den, correct = decayed_cross_entropy_naive(h2, lm_head_weight, lab, w, softcap)
     else:
-        num, den, _, correct = _ce_fwd(h2, lm_head_weight, lab, w, float(softcap or 0.0), bool(return_correct), impl)
+        need_dh = torch.is_grad_enabled() and hidden.requires_grad
+        num, den, _, correct, _ = pick(_ce_fwd, _ce_eager)(
+            h2, lm_head_weight, lab, w, float(softcap or 0.0), bool(return_correct), need_dh, impl
+        )
     if return_correct:
         return num, den, correct.reshape(lead)
     return num, den

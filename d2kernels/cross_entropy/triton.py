@@ -1,6 +1,534 @@
-"""Triton kernels and host launchers (not available yet)."""
+"""Triton kernels and host launchers of ``decayed_cross_entropy`` (fused lm_head + decayed CE).
+
+Only supervised tokens (weight > 0) are visited: they are compacted first (one host sync for
+their count ``Tc``, which sizes the grids). Shapes: ``hidden [T, H]``, ``weight [V, H]``.
+
+Frozen lm_head (the drafter case) costs two matmuls over the supervised tokens, both in the
+forward, and the ``[T, V]`` logits never exist:
+
+  for each T-block ``[Tb]`` of supervised rows, for each vocabulary chunk ``[Vc]``:
+    A(k): ``z = h @ W[chunk]^T`` tile by tile; per (row, tile) max ``m`` and ``s = Σ exp(z - m)``;
+          ``P = exp(z - R) * softcap'(z)`` stored to a chunk buffer, ``R`` = the running row max
+          two chunks back (a lazy shift constant: no normalisation needed yet; a tile whose max
+          exceeds ``R + TAU`` uses its own max instead and B rescales those rows).
+    B(k): ``acc = acc * exp(M_old - M_new) + (P @ W[chunk]) * exp(R - M_new)`` with the running
+          row max ``M`` and sum ``S`` updated from the tile stats (online log-sum-exp in fp32).
+  finalize: ``lse = M + log S``; ``dh_unit = w * (acc / S - softcap'(z_label) * W[label])``.
+
+``dhidden = grad_num * dh_unit`` is then one elementwise op in backward. A(k+1) and B(k) run in
+one launch (disjoint program ranges, double-buffered chunk) so each fills the other's tail wave.
+Extra memory: ``acc [Tb, H]`` f32 + ``2 x P [Tb, Vc]`` (sized to a budget) + the ``[T, H]`` stash.
+A trainable lm_head adds a backward pass: recompute a logits chunk with the final ``lse``, write
+``dlogits [Tc, Vc]`` and ``dW[chunk] = dlogits^T @ h`` (cuBLAS). No atomics: deterministic.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 
-def __getattr__(name):
-    raise NotImplementedError(f"backend='triton' is not available yet for this op ({name})")
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["decayed_ce_fwd", "decayed_ce_fwd_with_grad", "decayed_ce_bwd", "CEConfig"]
+
+_MiB = 1 << 20
+
+
+@dataclass
+class CEConfig:
+    """Tile sizes and memory budget; ``_config`` picks one per device (tests monkeypatch it)."""
+
+    block_m: int = 128  # supervised rows per tile (A, B and dlogits)
+    block_n: int = 256  # vocabulary columns per A tile (one stats column)
+    block_k: int = 64  # reduction step of both matmuls (divides block_n)
+    block_h: int = 256  # hidden columns per B tile
+    num_warps: int = 8
+    num_stages: int = 4  # H200 sweep: n256/h256/s4 beat h128 and s3 (benchmarks/RESULTS_cross_entropy.md)
+    budget: int = 40 * _MiB  # acc [Tb, H] f32 + 2 x P [Tb, Vc]
+    stats_cols: int = 64  # stats columns per chunk when no P is written (forward only)
+    finalize_m: int = 32
+    finalize_h: int = 256
+
+
+def _config(device: torch.device, dot_dtype: torch.dtype) -> CEConfig:
+    if device.type != "cuda":  # Triton interpreter: small tiles keep CPU tests fast
+        return CEConfig(block_m=32, block_n=64, block_k=16, block_h=64, num_warps=4, num_stages=1,
+                        stats_cols=2, finalize_m=32, finalize_h=64)
+    if dot_dtype == torch.float32:
+        # 4-byte tiles: 4 stages asked 329 KB of shared memory on the H200 (limit 227 KB); 2 halve it
+        return CEConfig(num_stages=2)
+    return CEConfig()
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Scratch buffers every element of which a kernel writes before reading (tests poison this)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(x):
+    # tanh without libdevice (same code on GPU and in the interpreter); exp overflow -> +-1
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _logits_tile(
+    h_ptr, w_ptr, rows_ptr, n_rows, H, V, m0, n0, softcap,
+    stride_ht, stride_hh, stride_wv, stride_wh,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """``z = softcap(h[rows[m0:m0+BM]] @ W[n0:n0+BN]^T)`` -> ``z [BLOCK_M, BLOCK_N]`` f32 (-inf past V)."""
+    o_m = m0 + tl.arange(0, BLOCK_M)
+    m_m = o_m < n_rows
+    o_n = n0 + tl.arange(0, BLOCK_N)
+    m_n = o_n < V
+    o_k = tl.arange(0, BLOCK_K)
+    rows = tl.load(rows_ptr + o_m, mask=m_m, other=0).to(tl.int64)
+    p_h = h_ptr + rows[:, None] * stride_ht + o_k[None, :] * stride_hh  # [BLOCK_M, BLOCK_K]
+    p_w = w_ptr + o_n.to(tl.int64)[:, None] * stride_wv + o_k[None, :] * stride_wh  # [BLOCK_N, BLOCK_K]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            b_h = tl.load(p_h, mask=m_m[:, None], other=0.0)
+            b_w = tl.load(p_w, mask=m_n[:, None], other=0.0)
+        else:
+            m_k = (k0 + o_k) < H
+            b_h = tl.load(p_h, mask=m_m[:, None] & m_k[None, :], other=0.0)
+            b_w = tl.load(p_w, mask=m_n[:, None] & m_k[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(b_h.to(DOT_DTYPE), tl.trans(b_w.to(DOT_DTYPE)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(b_h.to(DOT_DTYPE), tl.trans(b_w.to(DOT_DTYPE)), acc)
+        p_h += BLOCK_K * stride_hh
+        p_w += BLOCK_K * stride_wh
+    if SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
+    return tl.where(m_n[None, :], acc, float("-inf")), o_m, m_m, o_n, m_n
+
+
+@triton.jit
+def _a_tile(
+    tile, chunk, h_ptr, w_ptr, rows_ptr, lab_ptr, p_ptr, sm_ptr, ss_ptr, zl_ptr, mrun_ptr,
+    Tb, H, V, Vc, n_tiles_n, softcap,
+    stride_ht, stride_hh, stride_wv, stride_wh,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+    WRITE_P: tl.constexpr, TAU: tl.constexpr,
+):
+    """One logits tile of chunk ``chunk``: tile stats, label logit, and (WRITE_P) ``P`` into buffer ``chunk % 2``.
+
+    ``P = exp(z - r)`` with ``r = R`` (the running max after chunk ``chunk - 2``, the newest one no
+    launch is writing) when the tile max is at most ``R + TAU``, else ``r`` = the tile max.
+    """
+    n_tiles_m = tl.cdiv(Tb, BLOCK_M)
+    # grouped order: GROUP_M row tiles walk the chunk's W tiles together (L2 reuse of W)
+    width = GROUP_M * n_tiles_n
+    first_m = (tile // width) * GROUP_M
+    group_m = tl.minimum(n_tiles_m - first_m, GROUP_M)
+    tile_m = first_m + (tile % width) % group_m
+    tile_n = (tile % width) // group_m
+    buf = chunk % 2
+    z, o_m, m_m, o_n, m_n = _logits_tile(
+        h_ptr, w_ptr, rows_ptr, Tb, H, V, tile_m * BLOCK_M, chunk * Vc + tile_n * BLOCK_N, softcap,
+        stride_ht, stride_hh, stride_wv, stride_wh,
+        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SOFTCAP, DOT_DTYPE, IEEE,
+    )
+    b_m = tl.max(z, axis=1)  # [BLOCK_M]
+    b_p = tl.exp(z - b_m[:, None])  # [BLOCK_M, BLOCK_N], 0 past V
+    b_s = tl.sum(b_p, axis=1)
+    n_cols = tl.cdiv(Vc, BLOCK_N)
+    o_st = (buf * n_cols + tile_n) * Tb + o_m
+    tl.store(sm_ptr + o_st, b_m, mask=m_m)
+    tl.store(ss_ptr + o_st, b_s, mask=m_m)
+    lab = tl.load(lab_ptr + o_m, mask=m_m, other=-1)
+    hit = o_n[None, :] == lab[:, None]  # [BLOCK_M, BLOCK_N]
+    zl = tl.sum(tl.where(hit, z, 0.0), axis=1)
+    n0 = chunk * Vc + tile_n * BLOCK_N
+    tl.store(zl_ptr + o_m, zl, mask=m_m & (lab >= n0) & (lab < n0 + BLOCK_N))
+    if WRITE_P:
+        r_ref = _lagged_max(mrun_ptr, chunk, Tb, o_m, m_m, BLOCK_M)
+        b_r = tl.where(b_m <= r_ref + TAU, r_ref, b_m)
+        b_p = tl.exp(z - b_r[:, None])
+        if SOFTCAP:
+            # d softcap(x) / dx = 1 - (z / c)^2, folded into P so B needs no extra pass
+            zc = tl.where(m_n[None, :], z / softcap, 0.0)
+            b_p = b_p * (1.0 - zc * zc)
+        o_pn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        p_p = p_ptr + buf * Tb * Vc + o_m[:, None] * Vc + o_pn[None, :]  # [BLOCK_M, BLOCK_N]
+        tl.store(p_p, b_p.to(p_ptr.dtype.element_ty), mask=m_m[:, None] & (o_pn < Vc)[None, :])
+
+
+@triton.jit
+def _lagged_max(mrun_ptr, chunk, Tb, o_m, m_m, BLOCK_M: tl.constexpr):
+    """Running row max after chunk ``chunk - 2`` (-inf before chunk 2): the lazy reference of P."""
+    r_ref = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    if chunk >= 2:
+        r_ref = tl.load(mrun_ptr + ((chunk - 2) % 3) * Tb + o_m, mask=m_m, other=0.0)
+    return r_ref
+
+
+@triton.jit
+def _b_tile(
+    tile, chunk, w_ptr, p_ptr, sm_ptr, ss_ptr, acc_ptr, mrun_ptr, srun_ptr,
+    Tb, H, V, Vc, stride_wv, stride_wh,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    DO_PW: tl.constexpr, IEEE: tl.constexpr, TAU: tl.constexpr,
+):
+    """Chunk ``chunk`` into the running stats (and, DO_PW, into ``acc [Tb, H]``): one ``[BLOCK_M, BLOCK_H]`` tile."""
+    if DO_PW:
+        n_tiles_h = tl.cdiv(H, BLOCK_H)
+    else:
+        n_tiles_h = 1
+    tile_m = tile // n_tiles_h
+    tile_h = tile % n_tiles_h
+    buf = chunk % 2
+    run_new = chunk % 3  # running stats: written here, read as "old" by chunk + 1, as R by A(chunk + 2)
+    run_old = (chunk + 2) % 3
+    v0 = chunk * Vc
+    width = tl.minimum(Vc, V - v0)  # columns of this chunk
+    n_cols = tl.cdiv(width, BLOCK_N)
+    n_cols_all = tl.cdiv(Vc, BLOCK_N)
+    o_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < Tb
+    p_st = buf * n_cols_all * Tb + o_m  # column 0 of this chunk's stats
+    r_ref = _lagged_max(mrun_ptr, chunk, Tb, o_m, m_m, BLOCK_M)
+    m_new = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    n_far = 0  # (row, tile) pairs whose P used the tile's own max instead of r_ref
+    for c in range(0, n_cols):
+        b_m = tl.load(sm_ptr + p_st + c * Tb, mask=m_m, other=0.0)
+        m_new = tl.maximum(m_new, b_m)
+        n_far += tl.sum(((b_m > r_ref + TAU) & m_m).to(tl.int32), axis=0)
+    m_old = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    if chunk > 0:
+        m_old = tl.load(mrun_ptr + run_old * Tb + o_m, mask=m_m, other=0.0)
+        m_new = tl.maximum(m_new, m_old)
+    if DO_PW:
+        o_h = tile_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        m_h = o_h < H
+        o_k = tl.arange(0, BLOCK_K)
+        p_p = p_ptr + buf * Tb * Vc + o_m[:, None] * Vc + o_k[None, :]  # [BLOCK_M, BLOCK_K]
+        p_w = w_ptr + (v0 + o_k).to(tl.int64)[:, None] * stride_wv + o_h[None, :] * stride_wh  # [BLOCK_K, BLOCK_H]
+        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        if n_far == 0:
+            # common case: one reference per row for the whole chunk, P goes to the MMA untouched
+            for k0 in range(0, width, BLOCK_K):
+                m_k = (k0 + o_k) < width
+                b_p = tl.load(p_p, mask=m_m[:, None] & m_k[None, :], other=0.0)
+                b_w = tl.load(p_w, mask=m_k[:, None] & m_h[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(b_p, b_w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(b_p, b_w, acc)
+                p_p += BLOCK_K
+                p_w += BLOCK_K * stride_wv
+            acc = acc * tl.exp(r_ref - m_new)[:, None]
+        else:
+            for k0 in range(0, width, BLOCK_K):
+                # this tile's reference per row, rescaled to the running max (factor <= 1)
+                b_m = tl.load(sm_ptr + p_st + (k0 // BLOCK_N) * Tb, mask=m_m, other=0.0)
+                sc = tl.exp(tl.where(b_m <= r_ref + TAU, r_ref, b_m) - m_new)
+                m_k = (k0 + o_k) < width
+                b_p = tl.load(p_p, mask=m_m[:, None] & m_k[None, :], other=0.0)
+                b_p = (b_p.to(tl.float32) * sc[:, None]).to(p_ptr.dtype.element_ty)
+                b_w = tl.load(p_w, mask=m_k[:, None] & m_h[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(b_p, b_w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(b_p, b_w, acc)
+                p_p += BLOCK_K
+                p_w += BLOCK_K * stride_wv
+        p_a = acc_ptr + o_m[:, None] * H + o_h[None, :]  # [BLOCK_M, BLOCK_H]
+        m_a = m_m[:, None] & m_h[None, :]
+        if chunk > 0:
+            acc += tl.load(p_a, mask=m_a, other=0.0) * tl.exp(m_old - m_new)[:, None]
+        tl.store(p_a, acc, mask=m_a)
+    if tile_h == 0:
+        s_new = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c in range(0, n_cols):
+            b_m = tl.load(sm_ptr + p_st + c * Tb, mask=m_m, other=0.0)
+            s_new += tl.load(ss_ptr + p_st + c * Tb, mask=m_m, other=0.0) * tl.exp(b_m - m_new)
+        if chunk > 0:
+            s_new += tl.load(srun_ptr + run_old * Tb + o_m, mask=m_m, other=0.0) * tl.exp(m_old - m_new)
+        tl.store(mrun_ptr + run_new * Tb + o_m, m_new, mask=m_m)
+        tl.store(srun_ptr + run_new * Tb + o_m, s_new, mask=m_m)
+
+
+# per-launch integers vary every step: specializing on them would recompile the kernel per chunk
+@triton.jit(do_not_specialize=["Tb", "chunk_b", "n_b", "chunk_a", "n_a_tiles_n"])
+def _ce_step_kernel(
+    h_ptr, w_ptr, rows_ptr, lab_ptr, p_ptr, sm_ptr, ss_ptr, zl_ptr, acc_ptr, mrun_ptr, srun_ptr,
+    Tb, H, V, Vc, softcap, chunk_b, n_b, chunk_a, n_a_tiles_n,
+    stride_ht, stride_hh, stride_wv, stride_wh,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    IEEE_A: tl.constexpr, IEEE_B: tl.constexpr, WRITE_P: tl.constexpr, TAU: tl.constexpr,
+):
+    """Programs ``[0, n_b)``: B tiles of chunk ``chunk_b``; the rest: A tiles of chunk ``chunk_a``."""
+    pid = tl.program_id(0)
+    if pid < n_b:
+        _b_tile(
+            pid, chunk_b, w_ptr, p_ptr, sm_ptr, ss_ptr, acc_ptr, mrun_ptr, srun_ptr,
+            Tb, H, V, Vc, stride_wv, stride_wh,
+            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_H, WRITE_P, IEEE_B, TAU,
+        )
+    else:
+        _a_tile(
+            pid - n_b, chunk_a, h_ptr, w_ptr, rows_ptr, lab_ptr, p_ptr, sm_ptr, ss_ptr, zl_ptr, mrun_ptr,
+            Tb, H, V, Vc, n_a_tiles_n, softcap,
+            stride_ht, stride_hh, stride_wv, stride_wh,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, SOFTCAP, DOT_DTYPE, IEEE_A, WRITE_P, TAU,
+        )
+
+
+@triton.jit(do_not_specialize=["Tb"])
+def _ce_finalize_kernel(
+    w_ptr, rows_ptr, lab_ptr, tw_ptr, zl_ptr, acc_ptr, mrun_ptr, srun_ptr,
+    dh_ptr, lse_ptr, loss_ptr, correct_ptr,
+    Tb, H, softcap, stride_wv, stride_wh, stride_dt, stride_dh,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, SOFTCAP: tl.constexpr,
+    NEED_DH: tl.constexpr, RETURN_CORRECT: tl.constexpr,
+):
+    """``lse``, ``w * CE``, ``correct`` per supervised row; ``dh_unit[rows] = w * (acc / S - softcap'(z_l) W[label])``."""
+    tile_m = tl.program_id(0)
+    tile_h = tl.program_id(1)
+    o_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < Tb
+    rows = tl.load(rows_ptr + o_m, mask=m_m, other=0).to(tl.int64)
+    m_run = tl.load(mrun_ptr + o_m, mask=m_m, other=0.0)
+    s_run = tl.load(srun_ptr + o_m, mask=m_m, other=1.0)
+    zl = tl.load(zl_ptr + o_m, mask=m_m, other=0.0)
+    tw = tl.load(tw_ptr + o_m, mask=m_m, other=0.0)
+    if tile_h == 0:
+        lse = m_run + tl.log(s_run)
+        tl.store(lse_ptr + rows, lse, mask=m_m)
+        tl.store(loss_ptr + o_m, tw * (lse - zl), mask=m_m)
+        if RETURN_CORRECT:
+            tl.store(correct_ptr + rows, (zl >= m_run).to(tl.int8), mask=m_m)
+    if NEED_DH:
+        o_h = tile_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        m_h = o_h < H
+        m_a = m_m[:, None] & m_h[None, :]
+        lab = tl.load(lab_ptr + o_m, mask=m_m, other=0).to(tl.int64)
+        b_a = tl.load(acc_ptr + o_m[:, None] * H + o_h[None, :], mask=m_a, other=0.0)  # [BLOCK_M, BLOCK_H]
+        b_wl = tl.load(w_ptr + lab[:, None] * stride_wv + o_h[None, :] * stride_wh, mask=m_a, other=0.0).to(tl.float32)
+        d_l = tl.full((BLOCK_M,), 1.0, tl.float32)
+        if SOFTCAP:
+            d_l = 1.0 - (zl / softcap) * (zl / softcap)
+        b_dh = tw[:, None] * (b_a / s_run[:, None] - d_l[:, None] * b_wl)
+        tl.store(dh_ptr + rows[:, None] * stride_dt + o_h[None, :] * stride_dh, b_dh.to(dh_ptr.dtype.element_ty), mask=m_a)
+
+
+@triton.jit(do_not_specialize=["Tc", "v0", "width"])
+def _ce_dlogits_kernel(
+    h_ptr, w_ptr, rows_ptr, lab_ptr, tw_ptr, lse_ptr, d_ptr, grad_ptr,
+    Tc, H, V, v0, width, softcap,
+    stride_ht, stride_hh, stride_wv, stride_wh, stride_dt,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """``dlogits [Tc, width]`` of the chunk at ``v0`` with the final lse: ``g w (softmax - onehot) softcap'``."""
+    tile_m = tl.program_id(0)
+    tile_n = tl.program_id(1)
+    z, o_m, m_m, o_n, m_n = _logits_tile(
+        h_ptr, w_ptr, rows_ptr, Tc, H, V, tile_m * BLOCK_M, v0 + tile_n * BLOCK_N, softcap,
+        stride_ht, stride_hh, stride_wv, stride_wh,
+        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SOFTCAP, DOT_DTYPE, IEEE,
+    )
+    rows = tl.load(rows_ptr + o_m, mask=m_m, other=0).to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=m_m, other=0.0)
+    lab = tl.load(lab_ptr + o_m, mask=m_m, other=-1)
+    g = tl.load(grad_ptr)
+    tw = tl.load(tw_ptr + o_m, mask=m_m, other=0.0) * g
+    b_d = tl.exp(z - lse[:, None]) - tl.where(o_n[None, :] == lab[:, None], 1.0, 0.0)  # [BLOCK_M, BLOCK_N]
+    if SOFTCAP:
+        zc = tl.where(m_n[None, :], z / softcap, 0.0)
+        b_d = b_d * (1.0 - zc * zc)
+    b_d = b_d * tw[:, None]
+    o_dn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(d_ptr + o_m[:, None] * stride_dt + o_dn[None, :], b_d.to(d_ptr.dtype.element_ty),
+             mask=m_m[:, None] & (o_dn < width)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    for name, t in (("hidden", hidden), ("lm_head_weight", weight)):
+        if t.dtype not in _TL_DTYPE:
+            raise TypeError(
+                f"decayed_cross_entropy(backend='triton') supports float32/float16/bfloat16 {name}, "
+                f"got {t.dtype}; use backend='torch' for float64"
+            )
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"need hidden [T, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+
+
+def _dot_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    # mixed inputs meet in float32 (the naive reference computes them in float32 too)
+    return hidden.dtype if hidden.dtype == weight.dtype else torch.float32
+
+
+def _tau(p_dtype: torch.dtype) -> float:
+    """How far above its reference a P entry may be: e^60 fits bf16/fp32, e^10 fits fp16 (max 65504)."""
+    return 10.0 if p_dtype == torch.float16 else 60.0
+
+
+def _plan(Tc: int, H: int, V: int, p_bytes: int, cfg: CEConfig, write_p: bool) -> tuple[int, int]:
+    """Rows per T-block ``Tb`` and columns per chunk ``Vc`` (a multiple of block_n) within the budget."""
+    bm, bn = cfg.block_m, cfg.block_n
+    v_pad = triton.cdiv(V, bn) * bn
+    if not write_p:
+        return Tc, min(v_pad, cfg.stats_cols * bn)
+    tb_cap = max(bm, (cfg.budget // 2) // (4 * H) // bm * bm)
+    n_blocks = triton.cdiv(Tc, tb_cap)
+    Tb = min(Tc, triton.cdiv(triton.cdiv(Tc, n_blocks), bm) * bm)
+    free = cfg.budget - Tb * H * 4
+    Vc = max(bn, free // (2 * Tb * p_bytes) // bn * bn)
+    return Tb, min(Vc, v_pad)
+
+
+def _forward(hidden, weight, labels, token_weights, softcap: float, return_correct: bool, need_dh: bool):
+    _check_inputs(hidden, weight)
+    dev = hidden.device
+    T, H = hidden.shape
+    V = weight.shape[0]
+    f32 = torch.float32
+    tw = token_weights.to(f32)
+    den = tw.sum()
+    lse = torch.zeros(T, dtype=f32, device=dev)
+    correct = torch.zeros(T if return_correct else 0, dtype=torch.bool, device=dev)
+    dh = torch.zeros_like(hidden) if need_dh else hidden.new_empty((0,))
+    rows = torch.nonzero(tw > 0).flatten()  # the one host sync: Tc sizes every grid below
+    Tc = rows.numel()
+    if Tc == 0:
+        return torch.zeros((), dtype=f32, device=dev), den, lse, correct, dh
+    rows32 = rows.to(torch.int32)
+    lab_c = labels[rows].to(torch.int32)
+    tw_c = tw[rows].contiguous()
+    dot_dtype = _dot_dtype(hidden, weight)
+    cfg = _config(dev, dot_dtype)
+    p_dtype = weight.dtype  # P meets W in the second matmul
+    Tb, Vc = _plan(Tc, H, V, p_dtype.itemsize, cfg, need_dh)
+    n_chunks = triton.cdiv(V, Vc)
+    n_cols = triton.cdiv(Vc, cfg.block_n)
+    p_buf = _empty((2, Tb, Vc) if need_dh else (1,), p_dtype, dev)
+    s_max = _empty((2, n_cols, Tb), f32, dev)
+    s_sum = _empty((2, n_cols, Tb), f32, dev)
+    z_lab = _empty((Tb,), f32, dev)
+    acc = _empty((Tb, H) if need_dh else (1,), f32, dev)
+    m_run = _empty((3, Tb), f32, dev)
+    s_run = _empty((3, Tb), f32, dev)
+    loss_c = _empty((Tc,), f32, dev)
+    correct_i8 = correct.view(torch.int8)
+    sc = float(softcap)
+    common = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SOFTCAP=sc > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    even_k = H % cfg.block_k == 0
+    for t0 in range(0, Tc, Tb):
+        tb = min(Tb, Tc - t0)
+        r_blk, l_blk, w_blk = rows32[t0:t0 + tb], lab_c[t0:t0 + tb], tw_c[t0:t0 + tb]
+        n_tm = triton.cdiv(tb, cfg.block_m)
+        n_b_tiles = n_tm * (triton.cdiv(H, cfg.block_h) if need_dh else 1)
+        for step in range(-1, n_chunks):
+            chunk_b, chunk_a = step, step + 1
+            n_b = n_b_tiles if chunk_b >= 0 else 0
+            n_a_n = triton.cdiv(min(Vc, V - chunk_a * Vc), cfg.block_n) if chunk_a < n_chunks else 0
+            grid = (n_b + n_tm * n_a_n,)
+            _ce_step_kernel[grid](
+                hidden, weight, r_blk, l_blk, p_buf, s_max, s_sum, z_lab, acc, m_run, s_run,
+                tb, H, V, Vc, sc, chunk_b, n_b, chunk_a, n_a_n,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                BLOCK_H=cfg.block_h, GROUP_M=8, EVEN_K=even_k, DOT_DTYPE=_TL_DTYPE[dot_dtype],
+                IEEE_A=dot_dtype == f32, IEEE_B=p_dtype == f32, WRITE_P=need_dh, TAU=_tau(p_dtype), **common,
+            )
+        last = (n_chunks - 1) % 3
+        m_fin = m_run.view(-1)[last * tb:(last + 1) * tb]  # the kernels index [3, tb], not [3, Tb]
+        s_fin = s_run.view(-1)[last * tb:(last + 1) * tb]
+        grid = (triton.cdiv(tb, cfg.finalize_m), triton.cdiv(H, cfg.finalize_h) if need_dh else 1)
+        _ce_finalize_kernel[grid](
+            weight, r_blk, l_blk, w_blk, z_lab, acc, m_fin, s_fin,
+            dh, lse, loss_c[t0:t0 + tb], correct_i8,
+            tb, H, sc, weight.stride(0), weight.stride(1),
+            dh.stride(0) if need_dh else 0, dh.stride(1) if need_dh else 0,
+            BLOCK_M=cfg.finalize_m, BLOCK_H=cfg.finalize_h, SOFTCAP=sc > 0,
+            NEED_DH=need_dh, RETURN_CORRECT=return_correct, num_warps=4,
+        )
+    return loss_c.sum(), den, lse, correct, dh
+
+
+def decayed_ce_fwd(hidden, weight, labels, token_weights, opts):
+    """-> ``num`` (0-dim f32), ``den`` (0-dim f32), ``lse [T]`` f32 (0 where unsupervised), ``correct [T]`` bool or empty."""
+    num, den, lse, correct, _ = _forward(hidden, weight, labels, token_weights, opts.softcap, opts.return_correct, False)
+    return num, den, lse, correct
+
+
+def decayed_ce_fwd_with_grad(hidden, weight, labels, token_weights, opts):
+    """As ``decayed_ce_fwd``, plus ``dh_unit [T, H]`` (hidden's dtype): ``d num / d hidden`` (scale by grad_num)."""
+    return _forward(hidden, weight, labels, token_weights, opts.softcap, opts.return_correct, True)
+
+
+def _dweight(grad_num, hidden, weight, labels, token_weights, lse, softcap: float) -> torch.Tensor:
+    """``dW = Σ_t g w_t (softmax_t - onehot_t) softcap'_t h_t^T``, one vocabulary chunk at a time."""
+    dev = hidden.device
+    T, H = hidden.shape
+    V = weight.shape[0]
+    tw = token_weights.to(torch.float32)
+    rows = torch.nonzero(tw > 0).flatten()  # host sync for the count, as in the forward
+    Tc = rows.numel()
+    if Tc == 0:
+        return torch.zeros_like(weight)
+    dot_dtype = _dot_dtype(hidden, weight)
+    cfg = _config(dev, dot_dtype)
+    rows32 = rows.to(torch.int32)
+    lab_c = labels[rows].to(torch.int32)
+    tw_c = tw[rows].contiguous()
+    h_c = hidden[rows].to(dot_dtype)  # [Tc, H]: the K operand of dW = D^T @ h
+    bn = cfg.block_n
+    Vc = max(bn, cfg.budget // 2 // (Tc * dot_dtype.itemsize) // bn * bn)
+    Vc = min(Vc, triton.cdiv(V, bn) * bn)
+    d_buf = _empty((Tc, Vc), dot_dtype, dev)
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=dev)  # contiguous: mm writes row slices
+    mixed = dot_dtype != weight.dtype
+    dw_chunk = _empty((Vc, H), dot_dtype, dev) if mixed else None  # f32 product, cast per chunk
+    g = grad_num.to(torch.float32).reshape(1)
+    sc = float(softcap)
+    for v0 in range(0, V, Vc):
+        width = min(Vc, V - v0)
+        grid = (triton.cdiv(Tc, cfg.block_m), triton.cdiv(width, bn))
+        _ce_dlogits_kernel[grid](
+            hidden, weight, rows32, lab_c, tw_c, lse, d_buf, g,
+            Tc, H, V, v0, width, sc,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), d_buf.stride(0),
+            BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=cfg.block_k, EVEN_K=H % cfg.block_k == 0,
+            SOFTCAP=sc > 0, DOT_DTYPE=_TL_DTYPE[dot_dtype], IEEE=dot_dtype == torch.float32,
+            num_warps=cfg.num_warps, num_stages=min(cfg.num_stages, 3),  # 3: the depth checked on the H200
+        )
+        if mixed:
+            torch.mm(d_buf[:, :width].t(), h_c, out=dw_chunk[:width])
+            dw[v0:v0 + width].copy_(dw_chunk[:width])
+        else:
+            torch.mm(d_buf[:, :width].t(), h_c, out=dw[v0:v0 + width])
+    return dw
+
+
+def decayed_ce_bwd(grad_num, hidden, weight, labels, token_weights, lse, opts, need_dhidden: bool, need_dweight: bool):
+    """-> ``dhidden`` like hidden (empty if not needed), ``dweight`` like weight (empty if not needed)."""
+    _check_inputs(hidden, weight)
+    dh = hidden.new_empty((0,))
+    dw = weight.new_empty((0,))
+    if need_dhidden:
+        # the forward-with-grad pass gives d num / d hidden; backward only scales it
+        dh_unit = _forward(hidden, weight, labels, token_weights, opts.softcap, False, True)[4]
+        dh = dh_unit * grad_num.to(torch.float32)
+    if need_dweight:
+        dw = _dweight(grad_num, hidden, weight, labels, token_weights, lse, opts.softcap)
+    return dh, dw

@@ -8,14 +8,13 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_block_size, check_float_tensor, check_int_tensor, check_range, check_same_device, resolve_backend
-from .._ops import fast_impl
+from .._ops import eager_function, fast_impl, pick, with_backward_op
 from .naive import noise_embedding_naive
 
 __all__ = ["noise_embedding", "noise_embedding_naive"]
 
 
-@torch.library.custom_op("d2kernels::noise_embedding_fwd", mutates_args=())
-def _emb_fwd(
+def _emb_fwd_impl(
     weight: torch.Tensor,
     input_ids: torch.Tensor,
     anchors: torch.Tensor,
@@ -30,14 +29,16 @@ def _emb_fwd(
     )
 
 
+_emb_fwd = torch.library.custom_op("d2kernels::noise_embedding_fwd", mutates_args=())(_emb_fwd_impl)
+
+
 @_emb_fwd.register_fake
 def _(weight, input_ids, anchors, keep, prefix_lens, block_size, mask_token_id, impl):
     Bt, N = anchors.shape
     return weight.new_empty((Bt, N * block_size, weight.shape[1]))
 
 
-@torch.library.custom_op("d2kernels::noise_embedding_bwd", mutates_args=())
-def _emb_bwd(
+def _emb_bwd_impl(
     grad_out: torch.Tensor,
     input_ids: torch.Tensor,
     anchors: torch.Tensor,
@@ -51,6 +52,9 @@ def _emb_bwd(
     return fast_impl(impl, "embedding").noise_embedding_bwd(
         grad_out, input_ids, anchors, keep, prefix_lens, block_size, mask_token_id, num_embeddings
     )
+
+
+_emb_bwd = torch.library.custom_op("d2kernels::noise_embedding_bwd", mutates_args=())(_emb_bwd_impl)
 
 
 @_emb_bwd.register_fake
@@ -69,11 +73,14 @@ def _emb_backward(ctx, grad_out):
         return (None,) * 8
     input_ids, anchors, keep, prefix_lens = ctx.saved_tensors
     block_size, mask_token_id, V, impl = ctx.opts
-    dw = _emb_bwd(grad_out.contiguous(), input_ids, anchors, keep, prefix_lens, block_size, mask_token_id, V, impl)
+    dw = ctx.bwd(grad_out.contiguous(), input_ids, anchors, keep, prefix_lens, block_size, mask_token_id, V, impl)
     return (dw,) + (None,) * 7
 
 
-torch.library.register_autograd("d2kernels::noise_embedding_fwd", _emb_backward, setup_context=_emb_setup)
+torch.library.register_autograd(
+    "d2kernels::noise_embedding_fwd", _emb_backward, setup_context=with_backward_op(_emb_setup, _emb_bwd)
+)
+_emb_eager = eager_function(_emb_fwd_impl, with_backward_op(_emb_setup, _emb_bwd_impl), _emb_backward)
 
 
 def noise_embedding(
@@ -115,4 +122,4 @@ def noise_embedding(
     impl = resolve_backend(backend, weight.device)
     if impl == "torch":
         return noise_embedding_naive(weight, input_ids, anchors, keep, prefix_lens, B, int(mask_token_id))
-    return _emb_fwd(weight, input_ids, anchors, keep, prefix_lens, B, int(mask_token_id), impl)
+    return pick(_emb_fwd, _emb_eager)(weight, input_ids, anchors, keep, prefix_lens, B, int(mask_token_id), impl)

@@ -20,7 +20,7 @@ from d2kernels import layout
 
 from ..config import DrafterConfig
 
-__all__ = ["Drafter", "DrafterOutput", "apply_rope", "rope_cos_sin"]
+__all__ = ["Drafter", "DrafterOutput", "apply_rope", "kernel_dtype", "rope_cos_sin"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -55,6 +55,14 @@ def rope_cos_sin(inv_freq: torch.Tensor, scaling: float, positions: torch.Tensor
     freqs = positions[..., None].float() * inv_freq.to(positions.device, torch.float32)  # [..., T, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def kernel_dtype(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cast attention inputs to one dtype: under autocast the norms return fp32 while the projections
+    return the autocast dtype, and ``varprefix_attention`` takes a single dtype (the autocast one)."""
+    dev = ts[0].device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else ts[0].dtype
+    return tuple(t.to(dt) for t in ts)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -211,7 +219,8 @@ class Drafter(nn.Module):
         )  # [Bt, N*B, H]
         x = self._scale_embeddings(x)
         ctx = self._context(target_hidden)  # [Bt, S, H]
-        h = self._run_layers(x, ctx, anchors, keep, B)  # [Bt, N*B, H]
+        with d2kernels.validation("off"):  # noise_embedding above checked ids and anchors once
+            h = self._run_layers(x, ctx, anchors, keep, B)  # [Bt, N*B, H]
 
         labels, eval_mask, offsets = layout.draft_targets(
             input_ids, loss_mask, anchors, keep, prefix_lens, B, same_position=cfg.same_position_labels

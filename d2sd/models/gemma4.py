@@ -18,7 +18,7 @@ from transformers.activations import ACT2FN
 import d2kernels
 
 from ..config import DrafterConfig
-from .base import Drafter, apply_rope
+from .base import Drafter, apply_rope, kernel_dtype
 
 try:
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
@@ -131,6 +131,7 @@ class Gemma4DraftAttention(nn.Module):
         q = apply_rope(self.q_norm(self.q_proj(x).view(Bt, NB, self.num_heads, self.head_dim)), *rope_draft)
         k_draft, v_draft = self._kv(x, rope_draft)  # [Bt, NB, Hkv, D]
         k_ctx, v_ctx = self._kv(ctx, rope_ctx)  # [Bt, S, Hkv, D]
+        q, k_ctx, v_ctx, k_draft, v_draft = kernel_dtype(q, k_ctx, v_ctx, k_draft, v_draft)
         o = d2kernels.varprefix_attention(
             q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep,
             block_size=block_size, scale=self.scale, backend=self.backend,

@@ -9,7 +9,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwe
 import d2kernels
 
 from ..config import DrafterConfig
-from .base import Drafter, apply_rope
+from .base import Drafter, apply_rope, kernel_dtype
 
 __all__ = ["Qwen3Drafter", "Qwen3DraftAttention", "Qwen3DraftLayer", "qwen3_config_of"]
 
@@ -63,6 +63,7 @@ class Qwen3DraftAttention(nn.Module):
         q = apply_rope(q, *rope_draft)
         k_draft = apply_rope(k_draft, *rope_draft)
         k_ctx = apply_rope(k_ctx, *rope_ctx)
+        q, k_ctx, v_ctx, k_draft, v_draft = kernel_dtype(q, k_ctx, v_ctx, k_draft, v_draft)
         o = d2kernels.varprefix_attention(
             q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep,
             block_size=block_size, scale=self.scale, backend=self.backend,

@@ -1,0 +1,238 @@
+"""GPU check + timing of ``decayed_cross_entropy`` (one call: correctness in bf16, then the table).
+
+Usage (repository root, CUDA device):
+    PYTHONPATH=. python3 scripts/gpu_cross_entropy.py [--configs all|default] [--no-compile] [--shapes key|all]
+Correctness: bf16 (and fp32 at a small V) against float64, every gradient, vs plain torch bf16 error.
+Timing: fwd+bwd (frozen lm_head, as the drafter trains) with do_bench medians; peak extra memory.
+Providers: ours / torch eager / torch.compile / Liger FLCE / Cut Cross-Entropy (skipped if missing).
+Writes ``$OUT/gpu_cross_entropy.json`` and prints a table last.
+"""
+import argparse
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.getcwd())
+import d2kernels.cross_entropy.triton as ce_triton  # noqa: E402
+from d2kernels.cross_entropy import decayed_cross_entropy  # noqa: E402
+from d2kernels.layout import decay_weights  # noqa: E402
+
+DEV = "cuda"
+OUT = os.environ.get("OUT", "/tmp")
+RESULTS = {"env": {}, "correctness": [], "timing": []}
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def bench(fn):
+    return do_bench(fn, warmup=40, rep=250, return_mode="median")
+
+
+def peak_mib(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def make(T, H, V, frac_sup, dtype=torch.bfloat16, seed=0, wscale=0.02):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    h = torch.randn(T, H, device=DEV, generator=g).to(dtype)
+    W = (torch.randn(V, H, device=DEV, generator=g) * wscale).to(dtype)
+    labels = torch.randint(0, V, (T,), device=DEV, generator=g)
+    off = torch.arange(T, device=DEV) % 7
+    mask = torch.rand(T, device=DEV, generator=g) < frac_sup
+    return h, W, labels, mask, off
+
+
+# ------------------------------------------------------------------------------------------------
+def check(T, H, V, dtype, softcap, frac=0.5):
+    h, W, labels, mask, off = make(T, H, V, frac, dtype, seed=V + T)
+
+    def ours():
+        hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+        num, den, cor = decayed_cross_entropy(hh, WW, labels, mask, off, gamma=4.0, softcap=softcap,
+                                              return_correct=True, backend="triton")
+        num.backward()
+        return num, cor, hh.grad, WW.grad
+
+    def plain(cast):
+        hh, WW = h.detach().to(cast).requires_grad_(), W.detach().to(cast).requires_grad_()
+        w = decay_weights(mask, off, 4.0)
+        sel = w > 0
+        z = (hh[sel] @ WW.t()).to(torch.float64 if cast == torch.float64 else torch.float32)
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        num = (w[sel].to(z.dtype) * F.cross_entropy(z, labels[sel], reduction="none")).sum()
+        num.backward()
+        cor = torch.zeros_like(sel)
+        cor[sel] = z.argmax(-1) == labels[sel]
+        return num, cor, hh.grad, WW.grad
+
+    o, t, r = ours(), plain(dtype), plain(torch.float64)
+    row = {"T": T, "H": H, "V": V, "dtype": str(dtype), "softcap": softcap}
+    ok = True
+    for i, name in ((0, "num"), (2, "dhidden"), (3, "dweight")):
+        e, te = rel_err(o[i], r[i]), rel_err(t[i], r[i])
+        lim = 1e-4 if dtype == torch.float32 else min(2e-2, 2 * max(te, 1e-4))
+        row[name] = (e, te)
+        ok &= e <= lim
+    row["correct_agree"] = (o[1] == r[1]).float().mean().item()
+    row["ok"] = bool(ok)
+    RESULTS["correctness"].append(row)
+    print("check", json.dumps(row), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+def providers(h, W, labels, mask, off, gamma=4.0):
+    w = decay_weights(mask, off, gamma)
+    tgt = labels
+
+    def ours():
+        num, den = decayed_cross_entropy(h, W, labels, mask, off, gamma=gamma, backend="triton")
+        (num / (den + 1e-6)).backward()
+
+    def ours_fwd_only():
+        with torch.no_grad():
+            decayed_cross_entropy(h, W, labels, mask, off, gamma=gamma, backend="triton")
+
+    def eager():
+        logits = h @ W.t()
+        loss = (F.cross_entropy(logits.float(), tgt, reduction="none") * w).sum() / w.sum()
+        loss.backward()
+
+    def lossfn(h, W, tgt, w):
+        logits = h @ W.t()
+        return (F.cross_entropy(logits.float(), tgt, reduction="none") * w).sum() / w.sum()
+
+    out = {"ours": ours, "ours_fwd_nograd": ours_fwd_only, "torch_eager": eager}
+    if not ARGS.no_compile:
+        cl = torch.compile(lossfn)
+        out["torch_compile"] = lambda: cl(h, W, tgt, w).backward()
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        tg = torch.where(w > 0, tgt, torch.full_like(tgt, -100))
+        out["liger_flce(no decay)"] = lambda: liger_fused_linear_cross_entropy(
+            h, W, tg, ignore_index=-100, reduction="mean").backward()
+    except Exception as e:  # not installed: skip the provider
+        print("liger unavailable:", repr(e)[:200])
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        def cce():
+            loss = (linear_cross_entropy(h, W, tgt, reduction="none").float() * w).sum() / w.sum()
+            loss.backward()
+
+        out["cce"] = cce
+    except Exception as e:
+        print("cce unavailable:", repr(e)[:200])
+    return out
+
+
+def time_shape(T, H, V, frac, which):
+    h, W, labels, mask, off = make(T, H, V, frac, seed=1)
+    h.requires_grad_(True)
+    flops_mm = 2.0 * T * H * V * frac
+    res = {}
+    for name, fn in providers(h, W, labels, mask, off).items():
+        if name not in which:
+            continue
+        try:
+            fn()
+            ms = bench(fn)
+            mem = peak_mib(fn)
+            h.grad = None
+            res[name] = (ms, mem)
+            row = {"T": T, "H": H, "V": V, "sup": frac, "provider": name, "ms": ms, "peak_mib": mem,
+                   "cfg": CFG_NAME, "tflops_2mm": 2 * flops_mm / ms / 1e9}
+            RESULTS["timing"].append(row)
+            print("time", json.dumps(row), flush=True)
+        except Exception as e:
+            print("FAILED", name, T, H, V, frac, repr(e)[:400], flush=True)
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+    return res
+
+
+CONFIGS = {
+    "n256h128": ce_triton.CEConfig(block_m=128, block_n=256, block_k=64, block_h=128, num_warps=8, num_stages=3),
+    "n128h256": ce_triton.CEConfig(block_m=128, block_n=128, block_k=64, block_h=256, num_warps=8, num_stages=3),
+    "n256h256": ce_triton.CEConfig(block_m=128, block_n=256, block_k=64, block_h=256, num_warps=8, num_stages=3),
+    "n256h256s4": ce_triton.CEConfig(block_m=128, block_n=256, block_k=64, block_h=256, num_warps=8, num_stages=4),
+}
+CFG_NAME = "default"
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default="default", help="'default', 'all' or a comma list of CONFIGS keys")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider (slow to compile)")
+    ap.add_argument("--shapes", default="key", help="'key': T=3584 H=2560 V=151936; 'all': the benchmark grid")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--budget-mib", type=int, default=0, help="override CEConfig.budget (acc + 2 P chunk buffers)")
+    ap.add_argument("--extra", default="", help="more shapes for ours + torch.compile only, e.g. '8192x4096x262144'")
+    ARGS = ap.parse_args()
+    if ARGS.budget_mib:
+        for c in CONFIGS.values():
+            c.budget = ARGS.budget_mib << 20
+        ce_triton._config = lambda dev, c=ce_triton.CEConfig(budget=ARGS.budget_mib << 20): c
+    RESULTS["env"] = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name()}
+    print(RESULTS["env"], flush=True)
+    torch.manual_seed(0)
+    if not ARGS.no_check:
+        for args in [(512, 2560, 151936, torch.bfloat16, None), (300, 2560, 262144, torch.bfloat16, 30.0)]:
+            try:
+                check(*args)
+            except Exception as e:
+                print("CHECK FAILED", args, repr(e)[:400], flush=True)
+                traceback.print_exc()
+    shapes = [(3584, 2560, 151936)]
+    if ARGS.shapes == "all":
+        shapes = [(T, H, V) for T in (3584, 8192) for H in (2560, 4096) for V in (151936, 262144)]
+    names = list(CONFIGS) if ARGS.configs == "all" else ([] if ARGS.configs == "default" else ARGS.configs.split(","))
+    # sweep our configs first at the key shape, then everyone with the best one
+    best = None
+    for cname in names:
+        CFG_NAME = cname
+        ce_triton._config = lambda dev, c=CONFIGS[cname]: c
+        r = time_shape(3584, 2560, 151936, 0.5, ("ours",))
+        if "ours" in r and (best is None or r["ours"][0] < best[1]):
+            best = (cname, r["ours"][0])
+    if best is not None:
+        CFG_NAME = best[0]
+        ce_triton._config = lambda dev, c=CONFIGS[best[0]]: c
+        print("best config", best, flush=True)
+    everyone = ("ours", "ours_fwd_nograd", "torch_eager", "torch_compile", "liger_flce(no decay)", "cce")
+    for (T, H, V) in shapes:
+        for frac in (1.0, 0.5):
+            time_shape(T, H, V, frac, everyone)
+    for spec in filter(None, ARGS.extra.split(",")):
+        T, H, V = map(int, spec.split("x"))
+        for frac in (1.0, 0.5):
+            time_shape(T, H, V, frac, ("ours", "torch_compile"))
+    a = torch.randn(3584, 2560, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(151936, 2560, device=DEV, dtype=torch.bfloat16)
+    mm = bench(lambda: a @ b.t())
+    print(f"cuBLAS one logits matmul 3584x2560x151936: {mm:.3f} ms = {2 * 3584 * 2560 * 151936 / mm / 1e9:.0f} TFLOP/s")
+    RESULTS["one_matmul_ms"] = mm
+    json.dump(RESULTS, open(os.path.join(OUT, "gpu_cross_entropy.json"), "w"), indent=1)
+    print("\n| T | H | V | sup | provider | cfg | ms | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in RESULTS["timing"]:
+        print(f"| {r['T']} | {r['H']} | {r['V']} | {r['sup']:.0%} | {r['provider']} | {r['cfg']} | {r['ms']:.3f} | {r['peak_mib']:.0f} |")
+    for r in RESULTS["correctness"]:
+        print("check", r["dtype"], r["V"], r["softcap"], "ok" if r["ok"] else "FAIL",
+              {k: f"{r[k][0]:.2e}/{r[k][1]:.2e}" for k in ("num", "dhidden", "dweight")}, f"agree={r['correct_agree']:.4f}")
