@@ -1,8 +1,9 @@
 """``python -m d2sd.eval``: greedy speculative decoding with DFlash and D2SD drafters, acceptance length.
 
-With no arguments it runs the embedded demo: the shipped tiny Qwen3 target, the built-in prompts,
-and a DFlash and a VP drafter trained on the same short budget with ``d2sd.train`` (cached under
-``runs/eval-drafters/`` and reused by later runs). Real runs name everything::
+With no arguments it runs the embedded demo: the shipped tiny Qwen3 target, the built-in prompts
+(plus a second held-out draw), and a DFlash and a VP drafter trained with ``d2sd.train`` on the same
+short budget (300 steps each, on the target's answers to 1024 built-in prompts of a third seed;
+cached under ``runs/eval-drafters/`` and reused by later runs). Real runs name everything::
 
     python -m d2sd.eval --target Qwen/Qwen3-8B --dflash runs/dflash/drafter --vp runs/vp/drafter \\
         --data mtbench.jsonl --data gsm8k.jsonl --k 4 --max-new-tokens 256 --report report.json
