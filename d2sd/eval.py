@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training data: the target's greedy answers to this many built-in prompts of a seed "
                    "no evaluation set uses; 0 = d2sd.train's own embedded corpus")
     g.add_argument("--block-size", type=int, default=7, help="block size of the trained drafters")
-    g.add_argument("--dflash-labels", choices=("shifted", "same"), default="shifted",
-                   help="labels of the trained DFlash drafter: shifted (DeepSpec, slot k predicts a+k+1) or same")
+    g.add_argument("--dflash-labels", choices=("shifted", "same"), default="same",
+                   help="labels of the trained DFlash drafter: same (slot k predicts a+k, as the VP drafter: "
+                   "the two then differ only in D2) or shifted (DeepSpec, slot k predicts a+k+1)")
     g.add_argument("--retrain", action="store_true", help="train the drafters again even if cached")
     g.add_argument("--seed", type=int, default=0, help="training seed of the embedded drafters")
     return p
