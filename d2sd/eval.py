@@ -370,7 +370,7 @@ def _plot(report: dict, path: Path) -> Optional[Path]:
     ax2.set_xticks([i + w * (len(methods) - 1) / 2 for i in range(len(names))], names)
     ax2.set_ylabel("acceptance length (tokens / target forward)")
     ax2.set_title(f"K={report['config']['k']}")
-    ax2.legend()
+    ax2.legend(loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
