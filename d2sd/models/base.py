@@ -226,6 +226,8 @@ class Drafter(nn.Module):
             input_ids, loss_mask, anchors, keep, prefix_lens, B, same_position=cfg.same_position_labels
         )  # each [Bt, N, B]
         Bt, N = anchors.shape
+        # Under autocast the final norm returns fp32: meet the lm_head in its own dtype (bf16 on GPU).
+        h = h.to(self.lm_head.weight.dtype)
         num, den, correct = d2kernels.decayed_cross_entropy(
             h.view(Bt, N, B, -1), self.lm_head.weight, labels, eval_mask, offsets,
             gamma=cfg.loss_decay_gamma, softcap=cfg.final_logit_softcapping,
