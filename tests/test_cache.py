@@ -11,6 +11,7 @@ from d2sd.assets import tiny_target_path
 from d2sd.cache import INDEX_RECORD_SIZE, TargetCache, main, write_cache
 from d2sd.data import builtin_records, collate, tokenize_chat
 from d2sd.target import load_target, target_hidden_states
+from tests.utils import rel_err
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,6 @@ def reference(target, samples):
              model.model(s["input_ids"][None]).last_hidden_state[0]) for s in samples]
 
 
-def rel_err(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return float((out - ref).norm() / ref.norm())
 
 
 # batch 1 runs the very forward of the reference, so bf16 storage must round-trip bit-exactly;

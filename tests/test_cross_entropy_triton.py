@@ -3,30 +3,17 @@
 CPU: the Triton interpreter at small V/H in fp32/fp16 (bf16 ``tl.dot`` is broken there).
 GPU: bf16 at real vocabulary sizes, acceptance per SPEC (error <= 2x plain torch bf16, <= 2e-2).
 """
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anywhere
-
-import pytest  # noqa: E402
-
-import d2kernels.cross_entropy.triton as ce_triton  # noqa: E402
-from d2kernels.cross_entropy import CEOptions, decayed_cross_entropy  # noqa: E402
-from d2kernels.layout import decay_weights  # noqa: E402
+import d2kernels.cross_entropy.triton as ce_triton
+from d2kernels.cross_entropy import CEOptions, decayed_cross_entropy
+from d2kernels.layout import decay_weights
+from tests.utils import rel_err
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (NaN anywhere -> inf)."""
-    out, ref = out.detach().double(), ref.detach().double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def tiny_plan(Tc, H, V, p_bytes, cfg, write_p):

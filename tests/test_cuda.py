@@ -4,18 +4,14 @@ CPU: without the library every op raises an error that names the cmake commands;
 the library loads and refuses CPU tensors. GPU (skipped without CUDA or without the library):
 cuda vs the float64 torch reference vs triton, forward and every gradient, fp32 and bf16.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import d2kernels  # noqa: E402
-from d2kernels import cuda as d2cuda  # noqa: E402
-from d2kernels import decayed_cross_entropy, noise_embedding, varprefix_attention  # noqa: E402
-from d2kernels.layout import draft_targets  # noqa: E402
+import d2kernels
+from d2kernels import cuda as d2cuda
+from d2kernels import decayed_cross_entropy, noise_embedding, varprefix_attention
+from d2kernels.layout import draft_targets
+from tests.utils import rel_err
 
 
 def _library_built() -> bool:
@@ -26,16 +22,6 @@ needs_gpu_lib = pytest.mark.skipif(
     not (torch.cuda.is_available() and _library_built()),
     reason="needs a CUDA device and the built library (cmake -S . -B build && cmake --build build -j)",
 )
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (||out|| when ref is all zeros); NaN never passes."""
-    out, ref = out.detach().double(), ref.detach().double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    den = ref.norm()
-    num = (out - ref).norm()
-    return float(num / den) if den > 0 else float(num)
 
 
 def check_close(out, ref64, torch_same_dtype, dtype, what):

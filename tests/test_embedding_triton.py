@@ -3,32 +3,18 @@
 CPU runs the kernels in the Triton interpreter (set before triton is imported); GPU cases
 (bf16, real shapes) run only with a CUDA device.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch.nn.functional as F
 
-import torch.nn.functional as F  # noqa: E402
-
-from d2kernels import noise_embedding  # noqa: E402
-from d2kernels.embedding import triton as emb_triton  # noqa: E402
-from d2kernels.layout import draft_token_ids, sample_anchors, sample_prefix_lengths  # noqa: E402
+from d2kernels import noise_embedding
+from d2kernels.embedding import triton as emb_triton
+from d2kernels.layout import draft_token_ids, sample_anchors, sample_prefix_lengths
+from tests.utils import rel_err
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (||out|| when ref is all zeros); NaN never passes."""
-    out, ref = out.detach().double(), ref.detach().double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    den = ref.norm()
-    num = (out - ref).norm()
-    return float(num / den) if den > 0 else float(num)
 
 
 def make_case(Bt, S, N, B, V, H, *, dtype=torch.float32, seed=0, dummies=0.25, near_end=True, ids_dtype=torch.int64):

@@ -9,13 +9,7 @@ from d2sd.assets import tiny_target_path
 from d2sd.corpus import final_answer, make_problems
 from d2sd.target import (LayerCapture, default_layer_ids, generate, load_target, num_target_layers,
                          target_hidden_states, validate_layer_ids)
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return float((out - ref).norm() / ref.norm())
+from tests.utils import rel_err
 
 
 @pytest.fixture(scope="module")
