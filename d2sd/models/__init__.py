@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 from ..config import QWEN3_MASK_TOKEN_ID, DrafterConfig, default_target_layer_ids
 from .base import Drafter, DrafterOutput

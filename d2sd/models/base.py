@@ -20,7 +20,7 @@ from d2kernels import layout
 
 from ..config import DrafterConfig
 
-__all__ = ["Drafter", "DrafterOutput", "apply_rope", "kernel_dtype", "rope_cos_sin"]
+__all__ = ["DraftAttention", "Drafter", "DrafterOutput", "apply_rope", "kernel_dtype", "rope_cos_sin"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -300,6 +300,46 @@ class Drafter(nn.Module):
             f"type={c.model_type}, layers={c.num_draft_layers}, block={c.block_size}, "
             f"target_layers={c.target_layer_ids}, d2={c.enable_d2_feature}"
         )
+
+
+class DraftAttention(nn.Module):
+    """q from draft states, k/v from [context ; draft states]; per-head q/k RMSNorm (and the
+    family's v norm), RoPE at the slots' and context positions, then ``varprefix_attention``."""
+
+    def __init__(self, cfg: DrafterConfig, norm_cls, v_norm: Optional[nn.Module] = None):
+        super().__init__()
+        H, D = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, D
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else D**-0.5
+        self.backend = cfg.backend
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(H, self.num_heads * D, bias=bias)
+        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * D, H, bias=bias)
+        self.q_norm = norm_cls(D, eps=cfg.rms_norm_eps)
+        self.k_norm = norm_cls(D, eps=cfg.rms_norm_eps)
+        self.v_norm = v_norm if v_norm is not None else nn.Identity()
+
+    def _kv(self, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h [Bt, T, H]`` -> ``k, v [Bt, T, Hkv, D]``."""
+        Bt, T, _ = h.shape
+        k = apply_rope(self.k_norm(self.k_proj(h).view(Bt, T, self.num_kv_heads, self.head_dim)), *rope)
+        v = self.v_norm(self.v_proj(h).view(Bt, T, self.num_kv_heads, self.head_dim))
+        return k, v
+
+    def forward(self, x, ctx, rope_draft, rope_ctx, anchors, keep, block_size):
+        """``x [Bt, NB, H]`` draft states, ``ctx [Bt, S, H]`` context -> ``[Bt, NB, H]``."""
+        Bt, NB, _ = x.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).view(Bt, NB, self.num_heads, self.head_dim)), *rope_draft)
+        k_draft, v_draft = self._kv(x, rope_draft)  # [Bt, NB, Hkv, D]
+        k_ctx, v_ctx = self._kv(ctx, rope_ctx)  # [Bt, S, Hkv, D]
+        q, k_ctx, v_ctx, k_draft, v_draft = kernel_dtype(q, k_ctx, v_ctx, k_draft, v_draft)
+        o = d2kernels.varprefix_attention(
+            q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep,
+            block_size=block_size, scale=self.scale, backend=self.backend,
+        )  # [Bt, NB, Hq, D]
+        return self.o_proj(o.reshape(Bt, NB, self.num_heads * self.head_dim))
 
 
 def read_json(path: str) -> dict:

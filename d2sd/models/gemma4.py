@@ -15,10 +15,9 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-import d2kernels
 
 from ..config import DrafterConfig
-from .base import Drafter, apply_rope, kernel_dtype
+from .base import DraftAttention, Drafter
 
 try:
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
@@ -100,43 +99,11 @@ def gemma4_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
     raise NotImplementedError(f"Gemma4 drafter: rope_type {kind!r} is not supported (default, proportional)")
 
 
-class Gemma4DraftAttention(nn.Module):
+class Gemma4DraftAttention(DraftAttention):
     """q from draft states, k/v from [context ; draft states]; q/k RMSNorm, scale-free v RMSNorm."""
 
     def __init__(self, cfg: DrafterConfig):
-        super().__init__()
-        H, D = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, D
-        self.scale = cfg.attn_scale if cfg.attn_scale is not None else D**-0.5
-        self.backend = cfg.backend
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(H, self.num_heads * D, bias=bias)
-        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
-        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * D, H, bias=bias)
-        self.q_norm = Gemma4RMSNorm(D, eps=cfg.rms_norm_eps)
-        self.k_norm = Gemma4RMSNorm(D, eps=cfg.rms_norm_eps)
-        self.v_norm = Gemma4RMSNorm(D, eps=cfg.rms_norm_eps, with_scale=False)
-
-    def _kv(self, h: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """``h [Bt, T, H]`` -> ``k, v [Bt, T, Hkv, D]``."""
-        Bt, T, _ = h.shape
-        k = apply_rope(self.k_norm(self.k_proj(h).view(Bt, T, self.num_kv_heads, self.head_dim)), *rope)
-        v = self.v_norm(self.v_proj(h).view(Bt, T, self.num_kv_heads, self.head_dim))
-        return k, v
-
-    def forward(self, x, ctx, rope_draft, rope_ctx, anchors, keep, block_size):
-        """``x [Bt, NB, H]`` draft states, ``ctx [Bt, S, H]`` context -> ``[Bt, NB, H]``."""
-        Bt, NB, _ = x.shape
-        q = apply_rope(self.q_norm(self.q_proj(x).view(Bt, NB, self.num_heads, self.head_dim)), *rope_draft)
-        k_draft, v_draft = self._kv(x, rope_draft)  # [Bt, NB, Hkv, D]
-        k_ctx, v_ctx = self._kv(ctx, rope_ctx)  # [Bt, S, Hkv, D]
-        q, k_ctx, v_ctx, k_draft, v_draft = kernel_dtype(q, k_ctx, v_ctx, k_draft, v_draft)
-        o = d2kernels.varprefix_attention(
-            q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep,
-            block_size=block_size, scale=self.scale, backend=self.backend,
-        )  # [Bt, NB, Hq, D]
-        return self.o_proj(o.reshape(Bt, NB, self.num_heads * self.head_dim))
+        super().__init__(cfg, Gemma4RMSNorm, v_norm=Gemma4RMSNorm(cfg.head_dim, eps=cfg.rms_norm_eps, with_scale=False))
 
 
 class Gemma4DraftMLP(nn.Module):

@@ -6,10 +6,9 @@ from torch import nn
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-import d2kernels
 
 from ..config import DrafterConfig
-from .base import Drafter, apply_rope, kernel_dtype
+from .base import DraftAttention, Drafter
 
 __all__ = ["Qwen3Drafter", "Qwen3DraftAttention", "Qwen3DraftLayer", "qwen3_config_of"]
 
@@ -33,42 +32,11 @@ def qwen3_config_of(cfg: DrafterConfig) -> Qwen3Config:
     )
 
 
-class Qwen3DraftAttention(nn.Module):
+class Qwen3DraftAttention(DraftAttention):
     """q from the draft states, k/v from [context ; draft states], per-head q/k RMSNorm, RoPE."""
 
     def __init__(self, cfg: DrafterConfig):
-        super().__init__()
-        H, D = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, D
-        self.scale = cfg.attn_scale if cfg.attn_scale is not None else D**-0.5
-        self.backend = cfg.backend
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(H, self.num_heads * D, bias=bias)
-        self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
-        self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * D, H, bias=bias)
-        self.q_norm = Qwen3RMSNorm(D, eps=cfg.rms_norm_eps)
-        self.k_norm = Qwen3RMSNorm(D, eps=cfg.rms_norm_eps)
-
-    def forward(self, x, ctx, rope_draft, rope_ctx, anchors, keep, block_size):
-        """``x [Bt, NB, H]`` draft states, ``ctx [Bt, S, H]`` context -> ``[Bt, NB, H]``."""
-        Bt, NB, _ = x.shape
-        S = ctx.shape[1]
-        D = self.head_dim
-        q = self.q_norm(self.q_proj(x).view(Bt, NB, self.num_heads, D))  # [Bt, NB, Hq, D]
-        k_draft = self.k_norm(self.k_proj(x).view(Bt, NB, self.num_kv_heads, D))  # [Bt, NB, Hkv, D]
-        v_draft = self.v_proj(x).view(Bt, NB, self.num_kv_heads, D)
-        k_ctx = self.k_norm(self.k_proj(ctx).view(Bt, S, self.num_kv_heads, D))  # [Bt, S, Hkv, D]
-        v_ctx = self.v_proj(ctx).view(Bt, S, self.num_kv_heads, D)
-        q = apply_rope(q, *rope_draft)
-        k_draft = apply_rope(k_draft, *rope_draft)
-        k_ctx = apply_rope(k_ctx, *rope_ctx)
-        q, k_ctx, v_ctx, k_draft, v_draft = kernel_dtype(q, k_ctx, v_ctx, k_draft, v_draft)
-        o = d2kernels.varprefix_attention(
-            q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep,
-            block_size=block_size, scale=self.scale, backend=self.backend,
-        )  # [Bt, NB, Hq, D]
-        return self.o_proj(o.reshape(Bt, NB, self.num_heads * D))
+        super().__init__(cfg, Qwen3RMSNorm)
 
 
 class Qwen3DraftLayer(nn.Module):
