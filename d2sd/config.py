@@ -194,6 +194,15 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- presets
 
+def _published(target_layer_ids: list[int], **extra) -> dict:
+    """The published DFlash/D2 recipe (DeepSpec configs): block 7, 512 anchors, gamma 4, 5 layers, D2 on."""
+    drafter = dict(
+        num_draft_layers=5, target_layer_ids=target_layer_ids, block_size=7, num_anchors=512,
+        loss_decay_gamma=4.0, enable_d2_feature=True, d2_prefix_weight_base=0.9, **extra,
+    )
+    return {"drafter": drafter, "train": dict(max_length=4096)}
+
+
 PRESETS: dict[str, dict] = {
     # A drafter for the shipped tiny Qwen3 target: CPU-fast, for smoke tests and examples.
     "tiny": {
@@ -205,38 +214,11 @@ PRESETS: dict[str, dict] = {
         "train": dict(lr=2e-3, max_steps=300, global_batch_size=8, micro_batch_size=8, max_length=256,
                       save_every=150, log_every=10, warmup_ratio=0.05, max_new_tokens=48),
     },
-    "qwen3-4b": {
-        "drafter": dict(
-            num_draft_layers=5, target_layer_ids=[1, 9, 17, 25, 33], block_size=7, num_anchors=512,
-            mask_token_id=QWEN3_MASK_TOKEN_ID, loss_decay_gamma=4.0, enable_d2_feature=True,
-            d2_prefix_weight_base=0.9,
-        ),
-        "train": dict(max_length=4096),
-    },
-    "qwen3-8b": {
-        "drafter": dict(
-            num_draft_layers=5, target_layer_ids=[1, 9, 17, 25, 33], block_size=7, num_anchors=512,
-            mask_token_id=QWEN3_MASK_TOKEN_ID, loss_decay_gamma=4.0, enable_d2_feature=True,
-            d2_prefix_weight_base=0.9,
-        ),
-        "train": dict(max_length=4096),
-    },
-    "qwen3-14b": {
-        "drafter": dict(
-            num_draft_layers=5, target_layer_ids=[1, 10, 19, 28, 37], block_size=7, num_anchors=512,
-            mask_token_id=QWEN3_MASK_TOKEN_ID, loss_decay_gamma=4.0, enable_d2_feature=True,
-            d2_prefix_weight_base=0.9,
-        ),
-        "train": dict(max_length=4096),
-    },
+    "qwen3-4b": _published([1, 9, 17, 25, 33], mask_token_id=QWEN3_MASK_TOKEN_ID),
+    "qwen3-8b": _published([1, 9, 17, 25, 33], mask_token_id=QWEN3_MASK_TOKEN_ID),
+    "qwen3-14b": _published([1, 10, 19, 28, 37], mask_token_id=QWEN3_MASK_TOKEN_ID),
     # Gemma4's mask id comes from the target config/tokenizer (build_drafter's default), not a constant.
-    "gemma4-12b": {
-        "drafter": dict(
-            num_draft_layers=5, target_layer_ids=[5, 17, 29, 41, 46], block_size=7, num_anchors=512,
-            loss_decay_gamma=4.0, enable_d2_feature=True, d2_prefix_weight_base=0.9,
-        ),
-        "train": dict(max_length=4096),
-    },
+    "gemma4-12b": _published([5, 17, 29, 41, 46]),
 }
 
 

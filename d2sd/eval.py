@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("models")
-    g.add_argument("--target", help="target model dir or hub id (default: the shipped tiny Qwen3)")
+    g.add_argument("--target", help="target model dir, Hugging Face layout (default: the shipped tiny Qwen3)")
     g.add_argument("--dflash", help="DFlash drafter dir (config.json + model.safetensors); "
                    "default with the tiny target: train or reuse one under --drafter-cache")
     g.add_argument("--vp", help="VP (D2, variable-prefix) drafter dir; same default as --dflash")
