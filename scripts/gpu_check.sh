@@ -3,7 +3,8 @@
 # (bf16 cases included), then the train-step, attention, cross-entropy and embedding timings.
 # Short summary table last. Usage (repo root):  COMMIT=$(git rev-parse --short HEAD) scripts/gpu_check.sh
 # Carry: .whl (Liger-Kernel / Cut Cross-Entropy wheels, optional), build/libd2kernels_cuda.so (optional).
-# Env: STAGES (default "tests train attn ce emb"), OUT (logs; default /tmp/gpu_check).
+# Env: STAGES (default "tests train attn ce emb"; all five exceed one 10-minute device call: run
+# STAGES="tests train" and STAGES="attn ce emb" as two calls), OUT (logs; default /tmp/gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -28,7 +29,7 @@ stage() {  # name, timeout seconds, command...
 }
 for s in ${STAGES:-tests train attn ce emb}; do
   case $s in
-    tests) stage tests 230 python3 -m pytest tests -q -n 8 -p no:cacheprovider -rfE ;;
+    tests) stage tests 300 python3 -m pytest tests -q -n 14 -p no:cacheprovider -rfE ;;
     train) stage train 180 python3 scripts/gpu_train_step.py --max-batch 16 --iters 8 ;;
     attn)  stage attn 80 python3 scripts/gpu_attention.py --out "$OUT" ;;
     ce)    stage ce 100 python3 scripts/gpu_cross_entropy.py ;;
