@@ -482,10 +482,8 @@ def forward_backward(
     the gradients are then divided by the global ``Σw + 1e-6``: the result is the gradient of the
     global weighted mean, whatever the split over ranks and micro-batches (SPEC).
     """
-    num = torch.zeros((), dtype=torch.float64)
-    den = torch.zeros((), dtype=torch.float64)
-    correct = count = None
-    tokens = 0
+    # Running sums stay on the model's device: one transfer per step, not one sync per micro-batch.
+    num = den = correct = count = tokens = 0
     amp_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     for j, (index, batch) in enumerate(micros):
         generator.manual_seed(anchor_seed(seed, step, index))
@@ -494,14 +492,13 @@ def forward_backward(
             with amp_ctx:
                 out = model(batch["input_ids"], target_hidden, batch["loss_mask"], generator=generator)
             (out.loss_num * info.world_size).backward()
-        num += out.loss_num.detach().double().cpu()
-        den += out.loss_den.detach().double().cpu()
-        c, n = out.correct_per_slot.detach().cpu(), out.count_per_slot.detach().cpu()
-        correct = c if correct is None else correct + c
-        count = n if count is None else count + n
-        tokens += int(batch["attention_mask"].sum())
+        num = num + out.loss_num.detach().double()
+        den = den + out.loss_den.detach().double()
+        correct = correct + out.correct_per_slot.detach()
+        count = count + out.count_per_slot.detach()
+        tokens = tokens + batch["attention_mask"].sum()
     B = correct.numel()
-    tot = ddist.all_reduce_sum([num, den, correct, count, torch.tensor(float(tokens))], info)
+    tot = ddist.all_reduce_sum([num, den, correct, count, tokens], info)
     g_num, g_den = float(tot[0]), float(tot[1])
     scale = 1.0 / (g_den + 1e-6)
     for p in model.parameters():
