@@ -259,34 +259,25 @@ def test_gpu_deterministic():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@gpu
-def test_gpu_torch_compile_fullgraph():
-    case = (1, 333, 24, 7, 8, 2, 128)
-    ins, anchors, keep, do = make_inputs(case, torch.bfloat16, seed=14)
+@pytest.mark.parametrize(
+    "case,dtype,block_size,backend",
+    [
+        # CPU-cheap: aot_eager traces the op into one graph (no break on validation)
+        pytest.param((1, 19, 2, 3, 2, 1, 16), torch.float32, 3, "aot_eager", id="aot_eager-fp32"),
+        pytest.param((1, 333, 24, 7, 8, 2, 128), torch.bfloat16, 7, "inductor", id="inductor-bf16", marks=gpu),
+    ],
+)
+def test_torch_compile_fullgraph(case, dtype, block_size, backend):
+    """Under ``torch.compile(fullgraph=True)`` the op gives exactly the eager outputs and gradients."""
+    ins, anchors, keep, do = make_inputs(case, dtype, seed=8)
 
-    @torch.compile(fullgraph=True)
+    @torch.compile(fullgraph=True, backend=backend)
     def step(q, kc, vc, kd, vd):
-        return varprefix_attention(q, kc, vc, kd, vd, anchors, keep, block_size=7, backend="triton") * 2.0
+        return varprefix_attention(q, kc, vc, kd, vd, anchors, keep, block_size=block_size, backend="triton") * 2.0
 
     o = step(*ins)
     grads = torch.autograd.grad(o, ins, do)
-    eager = run(triton_fn, ins, anchors, keep, 2.0 * do, 7)
-    assert torch.equal(o.detach(), 2.0 * eager[0])
-    assert all(torch.equal(a, b) for a, b in zip(grads, eager[1:]))
-
-
-def test_torch_compile_fullgraph_captures():
-    """The op traces into one graph (no break on validation); aot_eager keeps this CPU-cheap."""
-    case = (1, 19, 2, 3, 2, 1, 16)
-    ins, anchors, keep, do = make_inputs(case, torch.float32, seed=8)
-
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def step(q, kc, vc, kd, vd):
-        return varprefix_attention(q, kc, vc, kd, vd, anchors, keep, block_size=3, backend="triton") * 2.0
-
-    o = step(*ins)
-    grads = torch.autograd.grad(o, ins, do)
-    eager = run(triton_fn, ins, anchors, keep, 2.0 * do, 3)
+    eager = run(triton_fn, ins, anchors, keep, 2.0 * do, block_size)
     assert torch.equal(o.detach(), 2.0 * eager[0])
     assert all(torch.equal(a, b) for a, b in zip(grads, eager[1:]))
 

@@ -11,7 +11,14 @@ from typing import Optional
 
 import torch
 
-from .._checks import check_block_size, check_float_tensor, check_int_tensor, check_same_device, resolve_backend
+from .._checks import (
+    check_block_size,
+    check_float_tensor,
+    check_int_tensor,
+    check_range,
+    check_same_device,
+    resolve_backend,
+)
 from .._ops import eager_function, fast_impl, pick, with_backward_op
 from .naive import varprefix_attention_naive, varprefix_mask
 
@@ -119,8 +126,6 @@ def _validate(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, block_size):
         raise ValueError(f"keep must be a bool tensor shaped like anchors {tuple(anchors.shape)}")
     if S < 1:
         raise ValueError("k_ctx must have at least one context position")
-    from .._checks import check_range
-
     check_range("anchors", anchors, 0, S, where=keep)
     return B
 
