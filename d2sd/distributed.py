@@ -45,6 +45,11 @@ def setup(device: Optional[str] = None) -> DistInfo:
     dev = torch.device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        if dev.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"rank {rank} wants {dev} but this node has {torch.cuda.device_count()} visible GPU(s): "
+                "launch at most one process per GPU (torchrun --nproc_per_node), or train on CPU with "
+                "CUDA_VISIBLE_DEVICES=''")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")

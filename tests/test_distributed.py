@@ -91,7 +91,8 @@ def _single_process(gbs, mbs):
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # gloo on CPU everywhere: the GPU box has one GPU for two ranks, and the check is about the math.
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -199,3 +200,10 @@ def test_fsdp_trainer_resumes_exactly(tmp_path):
     assert [json.loads(r)["loss"] for r in got] == [json.loads(r)["loss"] for r in want]
     state = ckpt.load_trainer_state(out / "checkpoints" / ckpt.step_dir_name(4))
     assert state["fsdp"] is True and state["world_size"] == 2
+
+
+def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    """A rank whose local GPU does not exist fails with what to do, not 'invalid device ordinal'."""
+    monkeypatch.setenv("LOCAL_RANK", str(max(torch.cuda.device_count(), 0) + 1))
+    with pytest.raises(RuntimeError, match="at most one process per GPU"):
+        ddist.setup("cuda")

@@ -164,7 +164,7 @@ def varprefix_attention(
     """
     B = _validate(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, block_size)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if not math.isfinite(scale):
+    if not torch.compiler.is_compiling() and not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     impl = resolve_backend(backend, q.device)
     if impl == "torch":
