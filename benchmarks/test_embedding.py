@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2kernels import noise_embedding
+from d2kernels import noise_embedding, validation
 from d2kernels.layout import draft_token_ids, sample_anchors, sample_prefix_lengths
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -45,6 +45,10 @@ def _providers(weight, input_ids, anchors, keep, prefix_lens, B):
     def ours():
         return noise_embedding(weight, input_ids, anchors, keep, prefix_lens, block_size=B, mask_token_id=MASK_ID, backend="triton")
 
+    def ours_unchecked():  # the public op with validation off (ids/anchors checked upstream, as the drafter does)
+        with validation("off"):
+            return ours()
+
     def kernel():  # the launcher alone: no input validation (check_range syncs) of the public op
         from d2kernels.embedding import triton as emb_triton
 
@@ -57,7 +61,7 @@ def _providers(weight, input_ids, anchors, keep, prefix_lens, B):
         ids = draft_token_ids(input_ids, anchors, keep, prefix_lens, B, MASK_ID)
         return F.embedding(ids, weight)
 
-    return {"ours": ours, "op": op, "kernel": kernel, "torch": torch_index}
+    return {"ours": ours, "ours_unchecked": ours_unchecked, "op": op, "kernel": kernel, "torch": torch_index}
 
 
 def _shape_id(s):
@@ -66,7 +70,7 @@ def _shape_id(s):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", ["ours", "op", "kernel", "torch"])
+@pytest.mark.parametrize("provider", ["ours", "ours_unchecked", "op", "kernel", "torch"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_noise_embedding(benchmark, shape, provider, mode):
     import triton

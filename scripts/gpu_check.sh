@@ -3,7 +3,7 @@
 # (bf16 cases included), then the train-step, attention, cross-entropy and embedding timings.
 # Short summary table last. Usage (repo root):  COMMIT=$(git rev-parse --short HEAD) scripts/gpu_check.sh
 # Carry: .whl (Liger-Kernel / Cut Cross-Entropy wheels, optional), build/libd2kernels_cuda.so (optional).
-# Env: STAGES (default "tests train attn ce emb"; all five exceed one 10-minute device call: run
+# Env: STAGES (default "tests train attn ce emb"; also "cetests"; all five exceed one 10-minute device call: run
 # STAGES="tests train" and STAGES="attn ce emb" as two calls), OUT (logs; default /tmp/gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,9 +30,11 @@ stage() {  # name, timeout seconds, command...
 for s in ${STAGES:-tests train attn ce emb}; do
   case $s in
     tests) stage tests 300 python3 -m pytest tests -q -n 14 -p no:cacheprovider -rfE ;;
-    train) stage train 180 python3 scripts/gpu_train_step.py --max-batch 16 --iters 8 ;;
+    cetests) stage cetests 170 python3 -m pytest -v -n 8 -p no:cacheprovider -rfE --durations=8 \
+               tests/test_cross_entropy_triton.py tests/test_cuda.py tests/test_models.py tests/test_attention_triton.py ;;
+    train) stage train "${TRAIN_SECS:-180}" python3 scripts/gpu_train_step.py --max-batch 16 --iters 8 ${TRAIN_ARGS:-} ;;
     attn)  stage attn 80 python3 scripts/gpu_attention.py --out "$OUT" ;;
-    ce)    stage ce 100 python3 scripts/gpu_cross_entropy.py ;;
+    ce)    stage ce 200 python3 scripts/gpu_cross_entropy.py --extra "${CE_EXTRA:-8192x4096x262144}" ;;
     emb)   stage emb 45 python3 -m pytest benchmarks/test_embedding.py -q -p no:cacheprovider --benchmark-columns=median,rounds ;;
   esac
 done

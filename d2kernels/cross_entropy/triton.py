@@ -4,22 +4,27 @@ Only supervised tokens (weight > 0) are visited: they are compacted first (one h
 their count ``Tc``, which sizes the grids). Shapes: ``hidden [T, H]``, ``weight [V, H]``.
 
 Frozen lm_head (the drafter case) costs two matmuls over the supervised tokens, both in the
-forward, and the ``[T, V]`` logits never exist:
+forward, and the ``[T, V]`` logits never exist. For each T-block ``[Tb]`` of supervised rows and
+each vocabulary chunk ``k`` (``Vc`` columns):
 
-  for each T-block ``[Tb]`` of supervised rows, for each vocabulary chunk ``[Vc]``:
-    A(k): ``z = h @ W[chunk]^T`` tile by tile; per (row, tile) max ``m`` and ``s = Σ exp(z - m)``;
-          ``P = exp(z - R) * softcap'(z)`` stored to a chunk buffer, ``R`` = the running row max
-          two chunks back (a lazy shift constant: no normalisation needed yet; a tile whose max
-          exceeds ``R + TAU`` uses its own max instead and B rescales those rows).
-    B(k): ``acc = acc * exp(M_old - M_new) + (P @ W[chunk]) * exp(R - M_new)`` with the running
-          row max ``M`` and sum ``S`` updated from the tile stats (online log-sum-exp in fp32).
+  A(k): ``z = h @ W[chunk]^T`` tile by tile; per (row, tile) max ``m`` and ``s = Σ exp(z - m)``;
+        ``P = exp(z - R) * softcap'(z)`` into the chunk buffer, ``R`` = the running row max after
+        chunk ``k - 1`` (a lazy shift constant: no normalisation needed yet; a tile whose max
+        exceeds ``R + TAU`` uses its own max instead and B rescales those rows).
+  B(k): ``acc = acc * exp(M_old - M_new) + (P @ W[chunk]) * exp(R - M_new)`` with the running
+        row max ``M`` and sum ``S`` updated from the tile stats (online log-sum-exp in fp32).
   finalize: ``lse = M + log S``; ``dh_unit = w * (acc / S - softcap'(z_label) * W[label])``.
 
-``dhidden = grad_num * dh_unit`` is then one elementwise op in backward. A(k+1) and B(k) run in
-one launch (disjoint program ranges, double-buffered chunk) so each fills the other's tail wave.
-Extra memory: ``acc [Tb, H]`` f32 + ``2 x P [Tb, Vc]`` (sized to a budget) + the ``[T, H]`` stash.
+One persistent launch runs a whole T-block: programs claim tiles in the order
+A(0), B(0), A(1), B(1), A(2), ... from an atomic counter and wait, per 128-row tile, only for what
+they read: B(k) rows ``m`` for A(k) and B(k-1) of rows ``m``; A(k) rows ``m`` for B(k-1) of rows
+``m`` (it overwrites the P rows and stats B(k-1) read). Every dependency is an earlier tile, every
+program is resident (grid = SM count), so the waits always end; a wait that spins too long sets
+an error flag and the loss comes out NaN instead of a hang. No launch boundary, no tail wave per
+chunk. ``dhidden = grad_num * dh_unit`` is then one elementwise op in backward.
+Extra memory: ``acc [Tb, H]`` f32 + ``P [Tb, Vc]`` (sized to a budget) + the ``[T, H]`` stash.
 A trainable lm_head adds a backward pass: recompute a logits chunk with the final ``lse``, write
-``dlogits [Tc, Vc]`` and ``dW[chunk] = dlogits^T @ h`` (cuBLAS). No atomics: deterministic.
+``dlogits [Tc, Vc]`` and ``dW[chunk] = dlogits^T @ h`` (cuBLAS). No float atomics: deterministic.
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ class CEConfig:
     block_h: int = 256  # hidden columns per B tile
     num_warps: int = 8
     num_stages: int = 4  # H200 sweep: n256/h256/s4 beat h128 and s3 (benchmarks/RESULTS_cross_entropy.md)
-    budget: int = 40 * _MiB  # acc [Tb, H] f32 + 2 x P [Tb, Vc]
+    budget: int = 40 * _MiB  # acc [Tb, H] f32 + P [Tb, Vc]
     stats_cols: int = 64  # stats columns per chunk when no P is written (forward only)
     finalize_m: int = 32
     finalize_h: int = 256
@@ -115,112 +120,104 @@ def _logits_tile(
 
 @triton.jit
 def _a_tile(
-    tile, chunk, h_ptr, w_ptr, rows_ptr, lab_ptr, p_ptr, sm_ptr, ss_ptr, zl_ptr, mrun_ptr,
-    Tb, H, V, Vc, n_tiles_n, softcap,
+    tile_m, tile_n, chunk, h_ptr, w_ptr, rows_ptr, lab_ptr, p_ptr, sm_ptr, ss_ptr, zl_ptr, mrun_ptr,
+    Tb, H, V, Vc, softcap,
     stride_ht, stride_hh, stride_wv, stride_wh,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
     WRITE_P: tl.constexpr, TAU: tl.constexpr,
 ):
-    """One logits tile of chunk ``chunk``: tile stats, label logit, and (WRITE_P) ``P`` into buffer ``chunk % 2``.
+    """One logits tile of chunk ``chunk``: tile stats, label logit, and (WRITE_P) ``P`` into the chunk buffer.
 
-    ``P = exp(z - r)`` with ``r = R`` (the running max after chunk ``chunk - 2``, the newest one no
-    launch is writing) when the tile max is at most ``R + TAU``, else ``r`` = the tile max.
+    ``P = exp(z - r)`` with ``r = R`` (the running max after chunk ``chunk - 1``) when the tile max
+    is at most ``R + TAU``, else ``r`` = the tile max.
     """
-    n_tiles_m = tl.cdiv(Tb, BLOCK_M)
-    # grouped order: GROUP_M row tiles walk the chunk's W tiles together (L2 reuse of W)
-    width = GROUP_M * n_tiles_n
-    first_m = (tile // width) * GROUP_M
-    group_m = tl.minimum(n_tiles_m - first_m, GROUP_M)
-    tile_m = first_m + (tile % width) % group_m
-    tile_n = (tile % width) // group_m
-    buf = chunk % 2
     z, o_m, m_m, o_n, m_n = _logits_tile(
         h_ptr, w_ptr, rows_ptr, Tb, H, V, tile_m * BLOCK_M, chunk * Vc + tile_n * BLOCK_N, softcap,
         stride_ht, stride_hh, stride_wv, stride_wh,
         BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SOFTCAP, DOT_DTYPE, IEEE,
     )
     b_m = tl.max(z, axis=1)  # [BLOCK_M]
-    b_p = tl.exp(z - b_m[:, None])  # [BLOCK_M, BLOCK_N], 0 past V
-    b_s = tl.sum(b_p, axis=1)
-    n_cols = tl.cdiv(Vc, BLOCK_N)
-    o_st = (buf * n_cols + tile_n) * Tb + o_m
-    tl.store(sm_ptr + o_st, b_m, mask=m_m)
-    tl.store(ss_ptr + o_st, b_s, mask=m_m)
     lab = tl.load(lab_ptr + o_m, mask=m_m, other=-1)
     hit = o_n[None, :] == lab[:, None]  # [BLOCK_M, BLOCK_N]
     zl = tl.sum(tl.where(hit, z, 0.0), axis=1)
     n0 = chunk * Vc + tile_n * BLOCK_N
     tl.store(zl_ptr + o_m, zl, mask=m_m & (lab >= n0) & (lab < n0 + BLOCK_N))
-    if WRITE_P:
+    o_st = tile_n * Tb + o_m  # stats [n_cols, Tb]
+    tl.store(sm_ptr + o_st, b_m, mask=m_m)
+    if not WRITE_P:
+        tl.store(ss_ptr + o_st, tl.sum(tl.exp(z - b_m[:, None]), axis=1), mask=m_m)  # 0 past V
+    else:
         r_ref = _lagged_max(mrun_ptr, chunk, Tb, o_m, m_m, BLOCK_M)
         b_r = tl.where(b_m <= r_ref + TAU, r_ref, b_m)
-        b_p = tl.exp(z - b_r[:, None])
+        b_p = tl.exp(z - b_r[:, None])  # [BLOCK_M, BLOCK_N], 0 past V; <= e^TAU
+        # one exp per logit: s = Σ exp(z - m) from the P terms. The factor is clamped at e^80 (f32
+        # overflow): a tile 80 below the running max adds < 256 e^-80 to S >= 1, whatever s says
+        b_s = tl.sum(b_p, axis=1) * tl.exp(tl.minimum(b_r - b_m, 80.0))
+        tl.store(ss_ptr + o_st, b_s, mask=m_m)
         if SOFTCAP:
             # d softcap(x) / dx = 1 - (z / c)^2, folded into P so B needs no extra pass
             zc = tl.where(m_n[None, :], z / softcap, 0.0)
             b_p = b_p * (1.0 - zc * zc)
         o_pn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        p_p = p_ptr + buf * Tb * Vc + o_m[:, None] * Vc + o_pn[None, :]  # [BLOCK_M, BLOCK_N]
+        p_p = p_ptr + o_m[:, None] * Vc + o_pn[None, :]  # [BLOCK_M, BLOCK_N]
         tl.store(p_p, b_p.to(p_ptr.dtype.element_ty), mask=m_m[:, None] & (o_pn < Vc)[None, :])
 
 
 @triton.jit
 def _lagged_max(mrun_ptr, chunk, Tb, o_m, m_m, BLOCK_M: tl.constexpr):
-    """Running row max after chunk ``chunk - 2`` (-inf before chunk 2): the lazy reference of P."""
+    """Running row max after chunk ``chunk - 1`` (-inf for chunk 0): the lazy reference of P."""
     r_ref = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    if chunk >= 2:
-        r_ref = tl.load(mrun_ptr + ((chunk - 2) % 3) * Tb + o_m, mask=m_m, other=0.0)
+    if chunk >= 1:
+        r_ref = tl.load(mrun_ptr + ((chunk - 1) % 2) * Tb + o_m, mask=m_m, other=0.0, cache_modifier=".cg")
     return r_ref
 
 
 @triton.jit
 def _b_tile(
-    tile, chunk, w_ptr, p_ptr, sm_ptr, ss_ptr, acc_ptr, mrun_ptr, srun_ptr,
+    tile_m, tile_h, chunk, w_ptr, p_ptr, sm_ptr, ss_ptr, acc_ptr, mrun_ptr, srun_ptr,
     Tb, H, V, Vc, stride_wv, stride_wh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
     DO_PW: tl.constexpr, IEEE: tl.constexpr, TAU: tl.constexpr,
 ):
-    """Chunk ``chunk`` into the running stats (and, DO_PW, into ``acc [Tb, H]``): one ``[BLOCK_M, BLOCK_H]`` tile."""
-    if DO_PW:
-        n_tiles_h = tl.cdiv(H, BLOCK_H)
-    else:
-        n_tiles_h = 1
-    tile_m = tile // n_tiles_h
-    tile_h = tile % n_tiles_h
-    buf = chunk % 2
-    run_new = chunk % 3  # running stats: written here, read as "old" by chunk + 1, as R by A(chunk + 2)
-    run_old = (chunk + 2) % 3
+    """Chunk ``chunk`` into the running stats (and, DO_PW, into ``acc [Tb, H]``): one ``[BLOCK_M, BLOCK_H]`` tile.
+
+    Data written by other programs is loaded with ``.cg`` (L2, never a stale L1 line).
+    """
+    run_new = chunk % 2  # running stats [2, Tb]: written here, read as "old" by chunk + 1 and as R by A(chunk + 1)
+    run_old = (chunk + 1) % 2
     v0 = chunk * Vc
     width = tl.minimum(Vc, V - v0)  # columns of this chunk
     n_cols = tl.cdiv(width, BLOCK_N)
-    n_cols_all = tl.cdiv(Vc, BLOCK_N)
     o_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_m = o_m < Tb
-    p_st = buf * n_cols_all * Tb + o_m  # column 0 of this chunk's stats
     r_ref = _lagged_max(mrun_ptr, chunk, Tb, o_m, m_m, BLOCK_M)
     m_new = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     n_far = 0  # (row, tile) pairs whose P used the tile's own max instead of r_ref
     for c in range(0, n_cols):
-        b_m = tl.load(sm_ptr + p_st + c * Tb, mask=m_m, other=0.0)
+        b_m = tl.load(sm_ptr + c * Tb + o_m, mask=m_m, other=0.0, cache_modifier=".cg")
         m_new = tl.maximum(m_new, b_m)
         n_far += tl.sum(((b_m > r_ref + TAU) & m_m).to(tl.int32), axis=0)
     m_old = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     if chunk > 0:
-        m_old = tl.load(mrun_ptr + run_old * Tb + o_m, mask=m_m, other=0.0)
+        m_old = tl.load(mrun_ptr + run_old * Tb + o_m, mask=m_m, other=0.0, cache_modifier=".cg")
         m_new = tl.maximum(m_new, m_old)
     if DO_PW:
         o_h = tile_h * BLOCK_H + tl.arange(0, BLOCK_H)
         m_h = o_h < H
         o_k = tl.arange(0, BLOCK_K)
-        p_p = p_ptr + buf * Tb * Vc + o_m[:, None] * Vc + o_k[None, :]  # [BLOCK_M, BLOCK_K]
+        p_p = p_ptr + o_m[:, None] * Vc + o_k[None, :]  # [BLOCK_M, BLOCK_K]
         p_w = w_ptr + (v0 + o_k).to(tl.int64)[:, None] * stride_wv + o_h[None, :] * stride_wh  # [BLOCK_K, BLOCK_H]
         acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        # K runs to the end of the chunk's last A tile: P is 0 past V there (z = -inf), so only W's
+        # rows need a mask, and P's loads keep no mask along their contiguous axis (a mask built
+        # from a runtime width there would split them into 2-byte loads outside the async pipeline)
+        k_end = n_cols * BLOCK_N
         if n_far == 0:
             # common case: one reference per row for the whole chunk, P goes to the MMA untouched
-            for k0 in range(0, width, BLOCK_K):
-                m_k = (k0 + o_k) < width
-                b_p = tl.load(p_p, mask=m_m[:, None] & m_k[None, :], other=0.0)
+            for k0 in range(0, k_end, BLOCK_K):
+                m_k = (v0 + k0 + o_k) < V
+                b_p = tl.load(p_p, mask=m_m[:, None], other=0.0, cache_modifier=".cg")
                 b_w = tl.load(p_w, mask=m_k[:, None] & m_h[None, :], other=0.0)
                 if IEEE:
                     acc = tl.dot(b_p, b_w, acc, input_precision="ieee")
@@ -230,12 +227,12 @@ def _b_tile(
                 p_w += BLOCK_K * stride_wv
             acc = acc * tl.exp(r_ref - m_new)[:, None]
         else:
-            for k0 in range(0, width, BLOCK_K):
+            for k0 in range(0, k_end, BLOCK_K):
                 # this tile's reference per row, rescaled to the running max (factor <= 1)
-                b_m = tl.load(sm_ptr + p_st + (k0 // BLOCK_N) * Tb, mask=m_m, other=0.0)
+                b_m = tl.load(sm_ptr + (k0 // BLOCK_N) * Tb + o_m, mask=m_m, other=0.0, cache_modifier=".cg")
                 sc = tl.exp(tl.where(b_m <= r_ref + TAU, r_ref, b_m) - m_new)
-                m_k = (k0 + o_k) < width
-                b_p = tl.load(p_p, mask=m_m[:, None] & m_k[None, :], other=0.0)
+                m_k = (v0 + k0 + o_k) < V
+                b_p = tl.load(p_p, mask=m_m[:, None], other=0.0, cache_modifier=".cg")
                 b_p = (b_p.to(tl.float32) * sc[:, None]).to(p_ptr.dtype.element_ty)
                 b_w = tl.load(p_w, mask=m_k[:, None] & m_h[None, :], other=0.0)
                 if IEEE:
@@ -247,55 +244,120 @@ def _b_tile(
         p_a = acc_ptr + o_m[:, None] * H + o_h[None, :]  # [BLOCK_M, BLOCK_H]
         m_a = m_m[:, None] & m_h[None, :]
         if chunk > 0:
-            acc += tl.load(p_a, mask=m_a, other=0.0) * tl.exp(m_old - m_new)[:, None]
+            acc += tl.load(p_a, mask=m_a, other=0.0, cache_modifier=".cg") * tl.exp(m_old - m_new)[:, None]
         tl.store(p_a, acc, mask=m_a)
     if tile_h == 0:
         s_new = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for c in range(0, n_cols):
-            b_m = tl.load(sm_ptr + p_st + c * Tb, mask=m_m, other=0.0)
-            s_new += tl.load(ss_ptr + p_st + c * Tb, mask=m_m, other=0.0) * tl.exp(b_m - m_new)
+            b_m = tl.load(sm_ptr + c * Tb + o_m, mask=m_m, other=0.0, cache_modifier=".cg")
+            s_new += tl.load(ss_ptr + c * Tb + o_m, mask=m_m, other=0.0, cache_modifier=".cg") * tl.exp(b_m - m_new)
         if chunk > 0:
-            s_new += tl.load(srun_ptr + run_old * Tb + o_m, mask=m_m, other=0.0) * tl.exp(m_old - m_new)
+            s_new += tl.load(srun_ptr + run_old * Tb + o_m, mask=m_m, other=0.0, cache_modifier=".cg") * tl.exp(m_old - m_new)
         tl.store(mrun_ptr + run_new * Tb + o_m, m_new, mask=m_m)
         tl.store(srun_ptr + run_new * Tb + o_m, s_new, mask=m_m)
 
 
-# per-launch integers vary every step: specializing on them would recompile the kernel per chunk
-@triton.jit(do_not_specialize=["Tb", "chunk_b", "n_b", "chunk_a", "n_a_tiles_n"])
-def _ce_step_kernel(
+@triton.jit
+def _wait_count(cnt_ptr, target, err_ptr, SPIN: tl.constexpr):
+    """Spin until ``*cnt_ptr >= target`` (acquire). After ``SPIN`` reads give up and raise the error flag."""
+    c = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+    n = 0
+    while (c < target) & (n < SPIN):
+        c = tl.atomic_add(cnt_ptr, 0, sem="acquire")
+        n += 1
+    if c < target:
+        tl.atomic_xchg(err_ptr, 1)
+
+
+@triton.jit
+def _done(cnt_ptr):
+    """Publish a finished tile: every warp's stores first (barrier), then a release increment."""
+    tl.debug_barrier()
+    tl.atomic_add(cnt_ptr, 1, sem="release")
+
+
+# per-launch integers vary every call: specializing on them would recompile the kernel
+@triton.jit(do_not_specialize=["Tb", "n_chunks"])
+def _ce_block_kernel(
     h_ptr, w_ptr, rows_ptr, lab_ptr, p_ptr, sm_ptr, ss_ptr, zl_ptr, acc_ptr, mrun_ptr, srun_ptr,
-    Tb, H, V, Vc, softcap, chunk_b, n_b, chunk_a, n_a_tiles_n,
+    sync_ptr, err_ptr,
+    Tb, H, V, Vc, softcap, n_chunks,
     stride_ht, stride_hh, stride_wv, stride_wh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, SOFTCAP: tl.constexpr, DOT_DTYPE: tl.constexpr,
     IEEE_A: tl.constexpr, IEEE_B: tl.constexpr, WRITE_P: tl.constexpr, TAU: tl.constexpr,
+    SPIN: tl.constexpr,
 ):
-    """Programs ``[0, n_b)``: B tiles of chunk ``chunk_b``; the rest: A tiles of chunk ``chunk_a``."""
-    pid = tl.program_id(0)
-    if pid < n_b:
-        _b_tile(
-            pid, chunk_b, w_ptr, p_ptr, sm_ptr, ss_ptr, acc_ptr, mrun_ptr, srun_ptr,
-            Tb, H, V, Vc, stride_wv, stride_wh,
-            BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_H, WRITE_P, IEEE_B, TAU,
-        )
+    """A whole T-block, persistent: claim tiles A(0) | B(0) A(1) | B(1) A(2) | ... | B(last).
+
+    ``sync_ptr`` (int32, zeroed): ``[0]`` the tile counter, then ``done_a [n_chunks, n_tm]`` and
+    ``done_b [n_chunks, n_tm]`` (finished tiles per chunk and row tile). The last chunk's A tiles
+    past ``V`` are claimed and counted but compute nothing, so every chunk counts the same.
+    """
+    n_tm = tl.cdiv(Tb, BLOCK_M)
+    n_tn = tl.cdiv(Vc, BLOCK_N)
+    if WRITE_P:
+        n_th = tl.cdiv(H, BLOCK_H)
     else:
-        _a_tile(
-            pid - n_b, chunk_a, h_ptr, w_ptr, rows_ptr, lab_ptr, p_ptr, sm_ptr, ss_ptr, zl_ptr, mrun_ptr,
-            Tb, H, V, Vc, n_a_tiles_n, softcap,
-            stride_ht, stride_hh, stride_wv, stride_wh,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, SOFTCAP, DOT_DTYPE, IEEE_A, WRITE_P, TAU,
-        )
+        n_th = 1
+    n_a = n_tm * n_tn
+    n_b = n_tm * n_th
+    per = n_a + n_b
+    total = n_chunks * per
+    done_a = sync_ptr + 1
+    done_b = done_a + n_chunks * n_tm
+    t = tl.atomic_add(sync_ptr, 1)
+    while t < total:
+        u = t + n_b  # as if step -1 had n_b (absent) B tiles: every step is then [B(s), A(s + 1)]
+        step = u // per - 1
+        r = u - (step + 1) * per
+        if r < n_b:
+            chunk = step
+            tile_m = r // n_th
+            _wait_count(done_a + chunk * n_tm + tile_m, n_tn, err_ptr, SPIN)  # P and stats of chunk
+            if chunk > 0:
+                _wait_count(done_b + (chunk - 1) * n_tm + tile_m, n_th, err_ptr, SPIN)  # acc, running stats
+            _b_tile(
+                tile_m, r % n_th, chunk, w_ptr, p_ptr, sm_ptr, ss_ptr, acc_ptr, mrun_ptr, srun_ptr,
+                Tb, H, V, Vc, stride_wv, stride_wh,
+                BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_H, WRITE_P, IEEE_B, TAU,
+            )
+            _done(done_b + chunk * n_tm + tile_m)
+        else:
+            chunk = step + 1
+            tile = r - n_b
+            # grouped order: GROUP_M row tiles walk the chunk's W tiles together (L2 reuse of W)
+            width = GROUP_M * n_tn
+            first_m = (tile // width) * GROUP_M
+            group_m = tl.minimum(n_tm - first_m, GROUP_M)
+            tile_m = first_m + (tile % width) % group_m
+            tile_n = (tile % width) // group_m
+            if chunk > 0:
+                # B(chunk - 1) of these rows has read the P rows and stats this tile overwrites
+                _wait_count(done_b + (chunk - 1) * n_tm + tile_m, n_th, err_ptr, SPIN)
+            if chunk * Vc + tile_n * BLOCK_N < V:
+                _a_tile(
+                    tile_m, tile_n, chunk, h_ptr, w_ptr, rows_ptr, lab_ptr, p_ptr, sm_ptr, ss_ptr, zl_ptr, mrun_ptr,
+                    Tb, H, V, Vc, softcap,
+                    stride_ht, stride_hh, stride_wv, stride_wh,
+                    BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, SOFTCAP, DOT_DTYPE, IEEE_A, WRITE_P, TAU,
+                )
+            _done(done_a + chunk * n_tm + tile_m)
+        t = tl.atomic_add(sync_ptr, 1)
 
 
 @triton.jit(do_not_specialize=["Tb"])
 def _ce_finalize_kernel(
-    w_ptr, rows_ptr, lab_ptr, tw_ptr, zl_ptr, acc_ptr, mrun_ptr, srun_ptr,
+    w_ptr, rows_ptr, lab_ptr, tw_ptr, zl_ptr, acc_ptr, mrun_ptr, srun_ptr, err_ptr,
     dh_ptr, lse_ptr, loss_ptr, correct_ptr,
     Tb, H, softcap, stride_wv, stride_wh, stride_dt, stride_dh,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, SOFTCAP: tl.constexpr,
     NEED_DH: tl.constexpr, RETURN_CORRECT: tl.constexpr,
 ):
-    """``lse``, ``w * CE``, ``correct`` per supervised row; ``dh_unit[rows] = w * (acc / S - softcap'(z_l) W[label])``."""
+    """``lse``, ``w * CE``, ``correct`` per supervised row; ``dh_unit[rows] = w * (acc / S - softcap'(z_l) W[label])``.
+
+    A raised error flag (a dependency wait that gave up) turns ``lse`` and the loss into NaN.
+    """
     tile_m = tl.program_id(0)
     tile_h = tl.program_id(1)
     o_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -307,6 +369,7 @@ def _ce_finalize_kernel(
     tw = tl.load(tw_ptr + o_m, mask=m_m, other=0.0)
     if tile_h == 0:
         lse = m_run + tl.log(s_run)
+        lse = tl.where(tl.load(err_ptr) != 0, float("nan"), lse)
         tl.store(lse_ptr + rows, lse, mask=m_m)
         tl.store(loss_ptr + o_m, tw * (lse - zl), mask=m_m)
         if RETURN_CORRECT:
@@ -390,7 +453,7 @@ def _plan(Tc: int, H: int, V: int, p_bytes: int, cfg: CEConfig, write_p: bool) -
     n_blocks = triton.cdiv(Tc, tb_cap)
     Tb = min(Tc, triton.cdiv(triton.cdiv(Tc, n_blocks), bm) * bm)
     free = cfg.budget - Tb * H * 4
-    Vc = max(bn, free // (2 * Tb * p_bytes) // bn * bn)
+    Vc = max(bn, free // (Tb * p_bytes) // bn * bn)
     return Tb, min(Vc, v_pad)
 
 
@@ -418,13 +481,13 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
     Tb, Vc = _plan(Tc, H, V, p_dtype.itemsize, cfg, need_dh)
     n_chunks = triton.cdiv(V, Vc)
     n_cols = triton.cdiv(Vc, cfg.block_n)
-    p_buf = _empty((2, Tb, Vc) if need_dh else (1,), p_dtype, dev)
-    s_max = _empty((2, n_cols, Tb), f32, dev)
-    s_sum = _empty((2, n_cols, Tb), f32, dev)
+    p_buf = _empty((Tb, Vc) if need_dh else (1,), p_dtype, dev)
+    s_max = _empty((n_cols, Tb), f32, dev)
+    s_sum = _empty((n_cols, Tb), f32, dev)
     z_lab = _empty((Tb,), f32, dev)
     acc = _empty((Tb, H) if need_dh else (1,), f32, dev)
-    m_run = _empty((3, Tb), f32, dev)
-    s_run = _empty((3, Tb), f32, dev)
+    m_run = _empty((2, Tb), f32, dev)
+    s_run = _empty((2, Tb), f32, dev)
     loss_c = _empty((Tc,), f32, dev)
     correct_i8 = correct.view(torch.int8)
     sc = float(softcap)
@@ -433,29 +496,33 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
         SOFTCAP=sc > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     even_k = H % cfg.block_k == 0
+    n_prog = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    n_th = triton.cdiv(H, cfg.block_h) if need_dh else 1
+    sync = torch.zeros(1 + 2 * n_chunks * triton.cdiv(Tb, cfg.block_m), dtype=torch.int32, device=dev)
+    err = torch.zeros(1, dtype=torch.int32, device=dev)
     for t0 in range(0, Tc, Tb):
         tb = min(Tb, Tc - t0)
         r_blk, l_blk, w_blk = rows32[t0:t0 + tb], lab_c[t0:t0 + tb], tw_c[t0:t0 + tb]
         n_tm = triton.cdiv(tb, cfg.block_m)
-        n_b_tiles = n_tm * (triton.cdiv(H, cfg.block_h) if need_dh else 1)
-        for step in range(-1, n_chunks):
-            chunk_b, chunk_a = step, step + 1
-            n_b = n_b_tiles if chunk_b >= 0 else 0
-            n_a_n = triton.cdiv(min(Vc, V - chunk_a * Vc), cfg.block_n) if chunk_a < n_chunks else 0
-            grid = (n_b + n_tm * n_a_n,)
-            _ce_step_kernel[grid](
-                hidden, weight, r_blk, l_blk, p_buf, s_max, s_sum, z_lab, acc, m_run, s_run,
-                tb, H, V, Vc, sc, chunk_b, n_b, chunk_a, n_a_n,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                BLOCK_H=cfg.block_h, GROUP_M=8, EVEN_K=even_k, DOT_DTYPE=_TL_DTYPE[dot_dtype],
-                IEEE_A=dot_dtype == f32, IEEE_B=p_dtype == f32, WRITE_P=need_dh, TAU=_tau(p_dtype), **common,
-            )
-        last = (n_chunks - 1) % 3
-        m_fin = m_run.view(-1)[last * tb:(last + 1) * tb]  # the kernels index [3, tb], not [3, Tb]
+        if t0:
+            sync.zero_()
+        # one program per SM (one resident CTA each: the waits need every program running);
+        # the interpreter runs programs one after another, so there a single one claims every tile
+        total = n_chunks * n_tm * (n_cols + n_th)
+        _ce_block_kernel[(min(n_prog, total),)](
+            hidden, weight, r_blk, l_blk, p_buf, s_max, s_sum, z_lab, acc, m_run, s_run, sync, err,
+            tb, H, V, Vc, sc, n_chunks,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            BLOCK_H=cfg.block_h, GROUP_M=8, EVEN_K=even_k, DOT_DTYPE=_TL_DTYPE[dot_dtype],
+            IEEE_A=dot_dtype == f32, IEEE_B=p_dtype == f32, WRITE_P=need_dh, TAU=_tau(p_dtype),
+            SPIN=1 << 24, **common,
+        )
+        last = (n_chunks - 1) % 2
+        m_fin = m_run.view(-1)[last * tb:(last + 1) * tb]  # the kernels index [2, tb], not [2, Tb]
         s_fin = s_run.view(-1)[last * tb:(last + 1) * tb]
         grid = (triton.cdiv(tb, cfg.finalize_m), triton.cdiv(H, cfg.finalize_h) if need_dh else 1)
         _ce_finalize_kernel[grid](
-            weight, r_blk, l_blk, w_blk, z_lab, acc, m_fin, s_fin,
+            weight, r_blk, l_blk, w_blk, z_lab, acc, m_fin, s_fin, err,
             dh, lse, loss_c[t0:t0 + tb], correct_i8,
             tb, H, sc, weight.stride(0), weight.stride(1),
             dh.stride(0) if need_dh else 0, dh.stride(1) if need_dh else 0,
