@@ -170,8 +170,9 @@ def time_shape(T, H, V, frac, which):
 
 CONFIGS = {
     "default": ce_triton.CEConfig(),
+    "h128": ce_triton.CEConfig(block_h=128),
     "s3": ce_triton.CEConfig(num_stages=3),
-    "b46": ce_triton.CEConfig(budget=46 << 20),
+    "n128": ce_triton.CEConfig(block_n=128),
 }
 CFG_NAME = "default"
 

@@ -208,13 +208,17 @@ def _b_tile(
         o_k = tl.arange(0, BLOCK_K)
         p_p = p_ptr + o_m[:, None] * Vc + o_k[None, :]  # [BLOCK_M, BLOCK_K]
         p_w = w_ptr + (v0 + o_k).to(tl.int64)[:, None] * stride_wv + o_h[None, :] * stride_wh  # [BLOCK_K, BLOCK_H]
-        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        p_a = acc_ptr + o_m[:, None] * H + o_h[None, :]  # [BLOCK_M, BLOCK_H]
+        m_a = m_m[:, None] & m_h[None, :]
         # K runs to the end of the chunk's last A tile: P is 0 past V there (z = -inf), so only W's
         # rows need a mask, and P's loads keep no mask along their contiguous axis (a mask built
         # from a runtime width there would split them into 2-byte loads outside the async pipeline)
         k_end = n_cols * BLOCK_N
-        if n_far == 0:
-            # common case: one reference per row for the whole chunk, P goes to the MMA untouched
+        if (n_far == 0) & (chunk > 0):
+            # common case: P's reference is r_ref = m_old, the running max acc is relative to, so the
+            # MMA accumulates straight onto the stored acc and one rescale follows (no second
+            # [BLOCK_M, BLOCK_H] f32 tile in registers: with one, the kernel spilled)
+            acc = tl.load(p_a, mask=m_a, other=0.0, cache_modifier=".cg")
             for k0 in range(0, k_end, BLOCK_K):
                 m_k = (v0 + k0 + o_k) < V
                 b_p = tl.load(p_p, mask=m_m[:, None], other=0.0, cache_modifier=".cg")
@@ -227,6 +231,8 @@ def _b_tile(
                 p_w += BLOCK_K * stride_wv
             acc = acc * tl.exp(r_ref - m_new)[:, None]
         else:
+            # chunk 0, or some (row, tile) of P has its own reference: rescale P per K step
+            acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
             for k0 in range(0, k_end, BLOCK_K):
                 # this tile's reference per row, rescaled to the running max (factor <= 1)
                 b_m = tl.load(sm_ptr + (k0 // BLOCK_N) * Tb + o_m, mask=m_m, other=0.0, cache_modifier=".cg")
@@ -241,10 +247,8 @@ def _b_tile(
                     acc = tl.dot(b_p, b_w, acc)
                 p_p += BLOCK_K
                 p_w += BLOCK_K * stride_wv
-        p_a = acc_ptr + o_m[:, None] * H + o_h[None, :]  # [BLOCK_M, BLOCK_H]
-        m_a = m_m[:, None] & m_h[None, :]
-        if chunk > 0:
-            acc += tl.load(p_a, mask=m_a, other=0.0, cache_modifier=".cg") * tl.exp(m_old - m_new)[:, None]
+            if chunk > 0:
+                acc += tl.load(p_a, mask=m_a, other=0.0, cache_modifier=".cg") * tl.exp(m_old - m_new)[:, None]
         tl.store(p_a, acc, mask=m_a)
     if tile_h == 0:
         s_new = tl.zeros((BLOCK_M,), dtype=tl.float32)
