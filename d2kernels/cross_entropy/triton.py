@@ -48,7 +48,7 @@ class CEConfig:
     block_k: int = 64  # reduction step of both matmuls (divides block_n)
     block_h: int = 256  # hidden columns per B tile
     num_warps: int = 8
-    num_stages: int = 4  # H200 sweep: n256/h256/s4 beat h128 and s3 (benchmarks/RESULTS_cross_entropy.md)
+    num_stages: int = 4  # H200 sweeps: n256/h256/s4 beat h128, n128 and s3 (benchmarks/RESULTS_cross_entropy.md)
     budget: int = 40 * _MiB  # acc [Tb, H] f32 + P [Tb, Vc]
     stats_cols: int = 64  # stats columns per chunk when no P is written (forward only)
     finalize_m: int = 32
@@ -217,7 +217,8 @@ def _b_tile(
         if (n_far == 0) & (chunk > 0):
             # common case: P's reference is r_ref = m_old, the running max acc is relative to, so the
             # MMA accumulates straight onto the stored acc and one rescale follows (no second
-            # [BLOCK_M, BLOCK_H] f32 tile in registers: with one, the kernel spilled)
+            # [BLOCK_M, BLOCK_H] f32 tile in registers; the kernel still spills elsewhere: see
+            # benchmarks/RESULTS_cross_entropy.md)
             acc = tl.load(p_a, mask=m_a, other=0.0, cache_modifier=".cg")
             for k0 in range(0, k_end, BLOCK_K):
                 m_k = (v0 + k0 + o_k) < V
