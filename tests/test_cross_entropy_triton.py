@@ -6,7 +6,11 @@ GPU: bf16 at real vocabulary sizes, acceptance per SPEC (error <= 2x plain torch
 import pytest
 import torch
 
+import triton
+import triton.language as tl
+
 import d2kernels.cross_entropy.triton as ce_triton
+from d2kernels.cross_entropy.triton import _wait_count
 from d2kernels.cross_entropy import CEOptions, decayed_cross_entropy
 from d2kernels.layout import decay_weights
 from tests.utils import rel_err
@@ -277,3 +281,36 @@ def test_gpu_persistent_schedule_stress(dt, poison, monkeypatch):
         lim = 1e-4 if dt == "fp32" else min(2e-2, 2 * max(terr, 1e-4))
         assert err <= lim, f"{name}: {err:.2e} vs torch {dt} {terr:.2e}"
     assert (cor == rcor).float().mean() > 0.99
+
+
+@triton.jit
+def _wait_probe(cnt_ptr, err_ptr, target, SPIN: tl.constexpr):
+    _wait_count(cnt_ptr, target, err_ptr, SPIN)
+
+
+def test_dependency_wait_gives_up_and_raises_the_error_flag():
+    """A wait whose count never arrives ends after SPIN reads with the error flag set (the loss
+    then comes out NaN instead of a hang); a satisfied wait leaves the flag alone."""
+    for have, want, flagged in ((3, 3, 0), (5, 3, 0), (2, 3, 1)):
+        cnt = torch.tensor([have], dtype=torch.int32, device=DEV)
+        err = torch.zeros(1, dtype=torch.int32, device=DEV)
+        _wait_probe[(1,)](cnt, err, want, SPIN=8)
+        assert int(err) == flagged and int(cnt) == have, (have, want)
+
+
+@pytest.mark.parametrize("raised", [False, True])
+def test_error_flag_turns_the_loss_nan(raised, monkeypatch):
+    """The finalize step reads the flag a given-up wait raises: the loss is NaN, never silently wrong."""
+
+    class FakeBlockLaunch:  # stands in for _ce_block_kernel: plausible stats, then the flag
+        def __getitem__(self, grid):
+            def launch(h, w, rows, lab, p, sm, ss, zl, acc, mrun, srun, sync, err, *args, **kwargs):
+                for t, v in ((zl, 0.0), (acc, 0.0), (mrun, 0.0), (srun, 1.0)):
+                    t.fill_(v)
+                err.fill_(int(raised))
+            return launch
+
+    monkeypatch.setattr(ce_triton, "_ce_block_kernel", FakeBlockLaunch())
+    h, W, labels, mask, off = make_case((9,), 64, 257, torch.float32, frac=1.0)
+    num, den = decayed_cross_entropy(h, W, labels, mask, off, gamma=4.0, backend="triton")
+    assert torch.isnan(num).item() == raised
