@@ -1,8 +1,8 @@
 """Registers and spill stack of every d2kernels Triton kernel, compiled for sm_90 on any machine.
 
 The op's launcher runs on CPU tensors of the real shapes with every kernel launch intercepted
-(nothing executes); each launch's argument types, integer specializations and constexprs are
-replayed through ``triton.compile`` for an sm_90 target, and ``cuobjdump`` (shipped with
+(nothing executes); Triton's own binder specializes each launch for an sm_90 target (argument
+types, integer and alignment specializations, constexprs) and ``triton.compile`` builds it, and ``cuobjdump`` (shipped with
 Triton) reads the cubin's resource usage. No GPU needed. The numbers track an H200 run of the
 same kernel (a different Triton version can differ a little): check a register-pressure change
 here before spending device time. Spills inside a hot loop cost the most; a spill stack of 0 is
@@ -22,15 +22,12 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.compiler.compiler import make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, os.getcwd())
 import d2kernels  # noqa: E402
 import d2kernels.cross_entropy.triton as ce_triton  # noqa: E402
-
-_TY = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
-       torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.bool: "i1", torch.uint8: "u8"}
-
 
 def capture(run_op):
     """Run ``run_op()`` with every Triton launch recorded instead of executed -> [(fn, args, kwargs)]."""
@@ -49,41 +46,16 @@ def capture(run_op):
     return seen
 
 
-def signature(fn, args, kwargs):
-    """Triton's view of one launch: argument types, constexprs, and which ints are multiples of 16."""
-    names = [p.name for p in fn.params]
-    values = dict(zip(names, args))
-    values.update({k: v for k, v in kwargs.items() if k in names})
-    options = {k: v for k, v in kwargs.items() if k not in names}
-    sig, consts, div16 = {}, {}, []
-    for i, p in enumerate(fn.params):
-        v = values[p.name]
-        if p.is_constexpr:
-            sig[p.name], consts[p.name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[p.name] = "*" + _TY[v.dtype]
-            div16.append(i)  # torch allocations are 16-byte aligned
-        elif isinstance(v, bool):
-            sig[p.name] = "i1"
-        elif isinstance(v, int):
-            if v == 1 and not p.do_not_specialize:  # Triton turns ints equal to 1 into constants
-                sig[p.name], consts[p.name] = "constexpr", 1
-            else:
-                sig[p.name] = "i64" if abs(v) >= 2**31 else "i32"
-                if v % 16 == 0 and not p.do_not_specialize:
-                    div16.append(i)
-        elif isinstance(v, float):
-            sig[p.name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: argument {p.name} of type {type(v).__name__}")
-    return sig, consts, {(i,): [["tt.divisibility", 16]] for i in div16}, options
-
-
 def resource_usage(fn, args, kwargs, arch):
-    sig, consts, attrs, options = signature(fn, args, kwargs)
-    opts = {k: options[k] for k in ("num_warps", "num_stages") if k in options}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", arch, 32), options=opts)
+    """Compile one recorded launch the way ``JITFunction.run`` would on an sm_``arch`` device
+    (Triton's own binder: the same argument types, integer and alignment specializations)."""
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kwargs = dict(kwargs, debug=False)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -91,7 +63,9 @@ def resource_usage(fn, args, kwargs, arch):
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     line = next(l for l in out.splitlines() if "REG:" in l)
     fields = dict(x.split(":") for x in line.split() if ":" in x)
-    key = ", ".join(f"{n}={v}" for n, v in consts.items() if n.isupper() and not isinstance(v, float))
+    named = {fn.params[path[0]].name: v for path, v in constexprs.items() if len(path) == 1}
+    key = ", ".join(f"{n}={v}" for n, v in named.items() if n.isupper() and not isinstance(v, float))
+    opts = {"num_warps": options.num_warps, "num_stages": options.num_stages}
     return int(fields["REG"]), int(fields["STACK"]), k.metadata.shared, opts, key
 
 
@@ -137,6 +111,8 @@ def ops(names):
             ids = torch.zeros(Bt, S, dtype=torch.long)
             prefix = torch.zeros(Bt, N, dtype=torch.long)
             emb_triton.noise_embedding_fwd(weight, ids, anchors, keep, prefix, B, V - 1)
+            grad = torch.zeros(Bt, N * B, H, dtype=bf)
+            emb_triton.noise_embedding_bwd(grad, ids, anchors, keep, prefix, B, V - 1, V)
         out["emb"] = emb
     return out
 
