@@ -200,10 +200,11 @@ def time_flex(name, results):
 
 
 SWEEP = {  # most promising first: the sweep may be cut short by --sweep-s
-    "dkdv": [(64, 128, 8, 3, False, True), (32, 128, 4, 3), (32, 128, 4, 3, False, True), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2), (32, 64, 4, 4), (64, 128, 8, 3, True)],
+    # first in dkdv / dkdv_draft: the spill-free tiles found by scripts/kernel_regs.py (RESULTS_attention.md)
+    "dkdv": [(32, 128, 8, 3), (64, 64, 8, 3), (64, 128, 8, 3, False, True), (32, 128, 4, 3), (32, 128, 4, 3, False, True), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2), (32, 64, 4, 4), (64, 128, 8, 3, True)],
     "fwd": [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 128, 4, 3)],
     "dq": [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3, True)],
-    "dkdv_draft": [(64, 32, 4, 2, True), (128, 32, 4, 2, True), (64, 64, 4, 2, True), (64, 32, 4, 2, False)],
+    "dkdv_draft": [(64, 32, 8, 2, True), (32, 32, 4, 2, True), (64, 32, 4, 2, True), (128, 32, 4, 2, True), (64, 64, 4, 2, True), (64, 32, 4, 2, False)],
 }
 
 
