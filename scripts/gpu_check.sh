@@ -3,6 +3,7 @@
 # (bf16 cases included), then the train-step, attention, cross-entropy and embedding timings.
 # Short summary table last. Usage (repo root):  COMMIT=$(git rev-parse --short HEAD) scripts/gpu_check.sh
 # Carry: .whl (Liger-Kernel / Cut Cross-Entropy wheels, optional), build/libd2kernels_cuda.so (optional).
+# Env: ATTN_ARGS / ATTN_SECS (e.g. "--sweep --skip-check" / 200), TRAIN_ARGS / TRAIN_SECS, CE_EXTRA.
 # Env: STAGES (default "tests train attn ce emb"; also "cetests"; all five exceed one 10-minute device call: run
 # STAGES="tests train" and STAGES="attn ce emb" as two calls), OUT (logs; default /tmp/gpu_check).
 set -uo pipefail
@@ -33,7 +34,7 @@ for s in ${STAGES:-tests train attn ce emb}; do
     cetests) stage cetests 170 python3 -m pytest -v -n 8 -p no:cacheprovider -rfE --durations=8 \
                tests/test_cross_entropy_triton.py tests/test_cuda.py tests/test_models.py tests/test_attention_triton.py ;;
     train) stage train "${TRAIN_SECS:-180}" python3 scripts/gpu_train_step.py --max-batch 16 --iters 8 ${TRAIN_ARGS:-} ;;
-    attn)  stage attn 80 python3 scripts/gpu_attention.py --out "$OUT" ;;
+    attn)  stage attn "${ATTN_SECS:-80}" python3 scripts/gpu_attention.py --out "$OUT" ${ATTN_ARGS:-} ;;
     ce)    stage ce 200 python3 scripts/gpu_cross_entropy.py --extra "${CE_EXTRA:-8192x4096x262144}" ;;
     emb)   stage emb 45 python3 -m pytest benchmarks/test_embedding.py -q -p no:cacheprovider --benchmark-columns=median,rounds ;;
   esac
