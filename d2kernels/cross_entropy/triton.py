@@ -181,6 +181,30 @@ def _acc_tile_load(acc_ptr, o_m, m_m, o_h, m_h, H):
 
 
 @triton.jit
+def _pw_loop(acc, p_p, p_w, sm_ptr, o_m, m_m, m_h, o_k, v0, V, Tb, k_end, r_ref, m_new, stride_wv,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, TAU: tl.constexpr,
+             RESCALE: tl.constexpr):
+    """``acc += P[:, :k_end] @ W[v0:v0 + k_end, h-tile]``. RESCALE: each P tile first brought from its
+    own reference (``r_ref``, or its tile max when that was more than TAU above) to ``m_new``."""
+    for k0 in range(0, k_end, BLOCK_K):
+        if RESCALE:
+            b_m = tl.load(sm_ptr + (k0 // BLOCK_N) * Tb + o_m, mask=m_m, other=0.0, cache_modifier=".cg")
+            sc = tl.exp(tl.where(b_m <= r_ref + TAU, r_ref, b_m) - m_new)  # factor <= 1
+        m_k = (v0 + k0 + o_k) < V
+        b_p = tl.load(p_p, mask=m_m[:, None], other=0.0, cache_modifier=".cg")
+        if RESCALE:
+            b_p = (b_p.to(tl.float32) * sc[:, None]).to(b_p.dtype)
+        b_w = tl.load(p_w, mask=m_k[:, None] & m_h[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(b_p, b_w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(b_p, b_w, acc)
+        p_p += BLOCK_K
+        p_w += BLOCK_K * stride_wv
+    return acc
+
+
+@triton.jit
 def _b_tile(
     tile_m, tile_h, chunk, w_ptr, p_ptr, sm_ptr, ss_ptr, acc_ptr, mrun_ptr, srun_ptr,
     Tb, H, V, Vc, stride_wv, stride_wh,
@@ -224,16 +248,8 @@ def _b_tile(
             # MMA accumulates straight onto the stored acc and one rescale follows (no second
             # [BLOCK_M, BLOCK_H] f32 tile in registers)
             acc = _acc_tile_load(acc_ptr, o_m, m_m, o_h, m_h, H)
-            for k0 in range(0, k_end, BLOCK_K):
-                m_k = (v0 + k0 + o_k) < V
-                b_p = tl.load(p_p, mask=m_m[:, None], other=0.0, cache_modifier=".cg")
-                b_w = tl.load(p_w, mask=m_k[:, None] & m_h[None, :], other=0.0)
-                if IEEE:
-                    acc = tl.dot(b_p, b_w, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(b_p, b_w, acc)
-                p_p += BLOCK_K
-                p_w += BLOCK_K * stride_wv
+            acc = _pw_loop(acc, p_p, p_w, sm_ptr, o_m, m_m, m_h, o_k, v0, V, Tb, k_end, r_ref, m_new,
+                           stride_wv, BLOCK_N, BLOCK_K, IEEE, TAU, False)
             acc = acc * tl.exp(r_ref - m_new)[:, None]
         else:
             # chunk 0, or some (row, tile) of P has its own reference: rescale P per K step to
@@ -241,20 +257,8 @@ def _b_tile(
             acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
             if chunk > 0:
                 acc = _acc_tile_load(acc_ptr, o_m, m_m, o_h, m_h, H) * tl.exp(m_old - m_new)[:, None]
-            for k0 in range(0, k_end, BLOCK_K):
-                # this tile's reference per row, rescaled to the running max (factor <= 1)
-                b_m = tl.load(sm_ptr + (k0 // BLOCK_N) * Tb + o_m, mask=m_m, other=0.0, cache_modifier=".cg")
-                sc = tl.exp(tl.where(b_m <= r_ref + TAU, r_ref, b_m) - m_new)
-                m_k = (v0 + k0 + o_k) < V
-                b_p = tl.load(p_p, mask=m_m[:, None], other=0.0, cache_modifier=".cg")
-                b_p = (b_p.to(tl.float32) * sc[:, None]).to(p_ptr.dtype.element_ty)
-                b_w = tl.load(p_w, mask=m_k[:, None] & m_h[None, :], other=0.0)
-                if IEEE:
-                    acc = tl.dot(b_p, b_w, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(b_p, b_w, acc)
-                p_p += BLOCK_K
-                p_w += BLOCK_K * stride_wv
+            acc = _pw_loop(acc, p_p, p_w, sm_ptr, o_m, m_m, m_h, o_k, v0, V, Tb, k_end, r_ref, m_new,
+                           stride_wv, BLOCK_N, BLOCK_K, IEEE, TAU, True)
         # the [BLOCK_M, BLOCK_H] pointers are rebuilt here, not kept across the K loop (128 more
         # registers per thread: the kernel spilled)
         tl.store(acc_ptr + o_m[:, None] * H + o_h[None, :], acc, mask=m_m[:, None] & m_h[None, :])
