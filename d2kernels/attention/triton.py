@@ -133,6 +133,34 @@ def _query_rows(SANC, PERM, b_n, t0, NB, G: tl.constexpr, BLK: tl.constexpr, SLO
 
 
 @triton.jit
+def _ctx_bounds(anc, kept, S, BLOCK_N: tl.constexpr):
+    """Context key tiles of a query tile: ``[0, full_end)`` visible to every kept row (no mask),
+    ``[full_end, a_max)`` the boundary tiles (mask ``key < anchor``)."""
+    a_max = tl.max(anc, 0)
+    a_min = tl.minimum(tl.min(tl.where(kept, anc, S), 0), a_max)
+    return (a_min // BLOCK_N) * BLOCK_N, a_max
+
+
+@triton.jit
+def _block_span(first, count, NB, BLK: tl.constexpr):
+    """Sorted slots ``[lo, hi)`` of the whole blocks that sorted slots ``[first, first + count)`` touch."""
+    return (first // BLK) * BLK, tl.minimum(((tl.minimum(first + count, NB) - 1) // BLK + 1) * BLK, NB)
+
+
+@triton.jit
+def _draft_keys(KD, VD, PERM, b_n, base_k, base_v, stride_kdt, stride_vdt, tk, hi, o_d, m_d,
+                BLK: tl.constexpr, EVEN_D: tl.constexpr):
+    """Draft keys at sorted slots ``tk [BLOCK_N]`` (``< hi``), gathered from memory order:
+    -> ``m_k``, sorted block ``sbk``, ``k``, ``v [BLOCK_N, BLOCK_D]``."""
+    m_k = tk < hi
+    sbk = tl.where(m_k, tk // BLK, 0)
+    slot_k = tl.load(PERM + b_n + sbk) * BLK + tk % BLK  # [BLOCK_N] slot in memory
+    k = _load_rows(KD + base_k + slot_k[:, None] * stride_kdt + o_d[None, :], m_k, m_d, True, EVEN_D)
+    v = _load_rows(VD + base_v + slot_k[:, None] * stride_vdt + o_d[None, :], m_k, m_d, True, EVEN_D)
+    return m_k, sbk, slot_k, k, v
+
+
+@triton.jit
 def _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, vis, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASKED:
@@ -179,9 +207,7 @@ def _varprefix_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     # Context keys j < anchor: unmasked tiles below the smallest anchor, then the boundary.
-    a_max = tl.max(anc, 0)
-    a_min = tl.minimum(tl.min(tl.where(kept, anc, S), 0), a_max)
-    full_end = (a_min // BLOCK_N) * BLOCK_N
+    full_end, a_max = _ctx_bounds(anc, kept, S, BLOCK_N)
     p_kc = KC + b * stride_kcb + hkv * stride_kch + o_n[:, None] * stride_kcs + o_d[None, :]
     p_vc = VC + b * stride_vcb + hkv * stride_vch + o_n[:, None] * stride_vcs + o_d[None, :]
     for j in range(0, full_end, BLOCK_N):
@@ -196,17 +222,11 @@ def _varprefix_fwd_kernel(
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, vis, True, DOT_PREC)
 
     # Own-block draft keys: the sorted slots of the blocks this tile touches.
-    d_lo = (t0 // BLK) * BLK
-    d_hi = tl.minimum(((tl.minimum(t0 + SLOTS, NB) - 1) // BLK + 1) * BLK, NB)
+    d_lo, d_hi = _block_span(t0, SLOTS, NB, BLK)
     for j in range(d_lo, d_hi, BLOCK_N):
-        tk = j + o_n  # [BLOCK_N] sorted slot of the key
-        m_k = tk < d_hi
-        sbk = tl.where(m_k, tk // BLK, 0)
-        slot_k = tl.load(PERM + b * N + sbk) * BLK + tk % BLK
-        k = _load_rows(KD + b * stride_kdb + hkv * stride_kdh + slot_k[:, None] * stride_kdt + o_d[None, :],
-                       m_k, m_d, True, EVEN_D)
-        v = _load_rows(VD + b * stride_vdb + hkv * stride_vdh + slot_k[:, None] * stride_vdt + o_d[None, :],
-                       m_k, m_d, True, EVEN_D)
+        m_k, sbk, _, k, v = _draft_keys(KD, VD, PERM, b * N, b * stride_kdb + hkv * stride_kdh,
+                                        b * stride_vdb + hkv * stride_vdh, stride_kdt, stride_vdt,
+                                        j + o_n, d_hi, o_d, m_d, BLK, EVEN_D)
         vis = (sbk[None, :] == sb[:, None]) & m_k[None, :] & kept[:, None]
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, qk_scale, vis, True, DOT_PREC)
 
@@ -282,9 +302,7 @@ def _varprefix_bwd_dq_kernel(
     lse2 = tl.where(kept, tl.load(LSE + p_row, mask=valid, other=0.0) * 1.4426950408889634, float("inf"))
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    a_max = tl.max(anc, 0)
-    a_min = tl.minimum(tl.min(tl.where(kept, anc, S), 0), a_max)
-    full_end = (a_min // BLOCK_N) * BLOCK_N
+    full_end, a_max = _ctx_bounds(anc, kept, S, BLOCK_N)
     p_kc = KC + b * stride_kcb + hkv * stride_kch + o_n[:, None] * stride_kcs + o_d[None, :]
     p_vc = VC + b * stride_vcb + hkv * stride_vch + o_n[:, None] * stride_vcs + o_d[None, :]
     for j in range(0, full_end, BLOCK_N):
@@ -298,17 +316,11 @@ def _varprefix_bwd_dq_kernel(
         vis = kn[None, :] < anc[:, None]
         dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, True, SPLIT, DOT_PREC)
 
-    d_lo = (t0 // BLK) * BLK
-    d_hi = tl.minimum(((tl.minimum(t0 + SLOTS, NB) - 1) // BLK + 1) * BLK, NB)
+    d_lo, d_hi = _block_span(t0, SLOTS, NB, BLK)
     for j in range(d_lo, d_hi, BLOCK_N):
-        tk = j + o_n
-        m_k = tk < d_hi
-        sbk = tl.where(m_k, tk // BLK, 0)
-        slot_k = tl.load(PERM + b * N + sbk) * BLK + tk % BLK
-        k = _load_rows(KD + b * stride_kdb + hkv * stride_kdh + slot_k[:, None] * stride_kdt + o_d[None, :],
-                       m_k, m_d, True, EVEN_D)
-        v = _load_rows(VD + b * stride_vdb + hkv * stride_vdh + slot_k[:, None] * stride_vdt + o_d[None, :],
-                       m_k, m_d, True, EVEN_D)
+        m_k, sbk, _, k, v = _draft_keys(KD, VD, PERM, b * N, b * stride_kdb + hkv * stride_kdh,
+                                        b * stride_vdb + hkv * stride_vdh, stride_kdt, stride_vdt,
+                                        j + o_n, d_hi, o_d, m_d, BLK, EVEN_D)
         vis = (sbk[None, :] == sb[:, None]) & m_k[None, :]
         dq = _dq_step(dq, q, do, k, v, lse2, delta, qk_scale, vis, True, SPLIT, DOT_PREC)
 
@@ -426,19 +438,14 @@ def _varprefix_bwd_dkdv_draft_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
     tk = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N] sorted slot of the key
-    m_k = tk < NB
-    sbk = tl.where(m_k, tk // BLK, 0)
-    slot_k = tl.load(PERM + b * N + sbk) * BLK + tk % BLK  # [BLOCK_N] slot in memory
-    k = _load_rows(KD + b * stride_kdb + hkv * stride_kdh + slot_k[:, None] * stride_kdt + o_d[None, :],
-                   m_k, m_d, True, EVEN_D)  # [BLOCK_N, BLOCK_D]
-    v = _load_rows(VD + b * stride_vdb + hkv * stride_vdh + slot_k[:, None] * stride_vdt + o_d[None, :],
-                   m_k, m_d, True, EVEN_D)
+    m_k, sbk, slot_k, k, v = _draft_keys(KD, VD, PERM, b * N, b * stride_kdb + hkv * stride_kdh,
+                                         b * stride_vdb + hkv * stride_vdh, stride_kdt, stride_vdt,
+                                         tk, NB, o_d, m_d, BLK, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
     # Only the queries of the same blocks see these keys.
-    q_lo = (j0 // BLK) * BLK
-    q_hi = tl.minimum(((tl.minimum(j0 + BLOCK_N, NB) - 1) // BLK + 1) * BLK, NB)
+    q_lo, q_hi = _block_span(j0, BLOCK_N, NB, BLK)
     for t0 in range(q_lo, q_hi, SLOTS):
         dk, dv = _dkdv_step(dk, dv, k, v, tk, sbk, Q, DO, LSE, DELTA, SANC, PERM, b, hkv, t0,
                             stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
