@@ -10,20 +10,18 @@ import sys
 import torch
 
 sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import d2kernels.cross_entropy.triton as ce_triton  # noqa: E402
 from d2kernels.cross_entropy import decayed_cross_entropy  # noqa: E402
+from gpu_cross_entropy import make  # noqa: E402  (the benchmark's inputs)
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--sup", type=float, default=1.0, help="supervised fraction")
 ap.add_argument("--shape", default="3584x2560x151936", help="TxHxV")
 args = ap.parse_args()
 T, H, V = map(int, args.shape.split("x"))
-g = torch.Generator(device="cuda").manual_seed(0)
-h = torch.randn(T, H, device="cuda", generator=g).bfloat16().requires_grad_()
-W = (torch.randn(V, H, device="cuda", generator=g) * 0.02).bfloat16()
-labels = torch.randint(0, V, (T,), device="cuda", generator=g)
-mask = torch.rand(T, device="cuda", generator=g) < args.sup
-off = torch.arange(T, device="cuda") % 7
+h, W, labels, mask, off = make(T, H, V, args.sup)
+h.requires_grad_()
 for _ in range(3):
     num, den = decayed_cross_entropy(h, W, labels, mask, off, gamma=4.0, backend="triton")
     num.backward()

@@ -262,8 +262,8 @@ def test_custom_op_traces_fullgraph():
 
 @GPU
 @pytest.mark.parametrize("dt", ["bf16", "fp32"])
-def test_gpu_persistent_schedule_stress(dt, poison, monkeypatch):
-    """Many row tiles x many chunks x several T-blocks in one persistent launch each: every wait
+def test_gpu_tile_schedule_stress(dt, poison, monkeypatch):
+    """Many row tiles x many chunks x several T-blocks, one launch each: every wait
     must hold (a race shows as a wrong or NaN result), and two runs are bitwise identical."""
     monkeypatch.setattr(ce_triton, "_plan", lambda Tc, H, V, p_bytes, cfg, write_p: (
         (min(Tc, 3 * cfg.block_m) if write_p else Tc), 4 * cfg.block_n))
@@ -272,7 +272,7 @@ def test_gpu_persistent_schedule_stress(dt, poison, monkeypatch):
     first = run(h, W, labels, mask, off, softcap=None)
     again = run(h, W, labels, mask, off, softcap=None)
     for a, b in zip(first, again):
-        assert torch.equal(a, b), "the persistent schedule must be deterministic"
+        assert torch.equal(a, b), "the tile schedule must be deterministic"
     rnum, _, rcor, rdh, rdw = reference(h, W, labels, mask, off)
     num, _, cor, dh, dw = first
     tnum, tdh, tdw = torch_lowp(h, W, labels, mask, off)

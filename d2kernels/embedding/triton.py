@@ -178,6 +178,13 @@ def _workspace(shape, device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
+def _slots(input_ids, anchors, keep, block_size):
+    """-> ``S``, ``NB = N*B`` slots per sample, ``R = Bt*NB`` rows, ``keep`` as uint8 (what the kernels read)."""
+    Bt, N = anchors.shape
+    NB = N * block_size
+    return input_ids.shape[1], NB, Bt * NB, keep.view(torch.uint8)
+
+
 def _index_args(input_ids, anchors, keep, prefix_lens):
     return (
         input_ids.stride(0), input_ids.stride(1), anchors.stride(0), anchors.stride(1),
@@ -199,16 +206,12 @@ def noise_embedding_fwd(
 
     ``out`` (contiguous, optional) lets tests hand in a NaN-poisoned buffer.
     """
-    Bt, N = anchors.shape
-    S = input_ids.shape[1]
+    S, NB, R, keep_u8 = _slots(input_ids, anchors, keep, block_size)
     H = weight.shape[1]
-    NB = N * block_size
-    R = Bt * NB
     if out is None:
-        out = torch.empty((Bt, NB, H), dtype=weight.dtype, device=weight.device)
+        out = torch.empty((anchors.shape[0], NB, H), dtype=weight.dtype, device=weight.device)
     if R == 0 or H == 0:
         return out
-    keep_u8 = keep.view(torch.uint8)
     block_r, block_h, num_warps = _fwd_config(H, R, weight.element_size())
     grid = (triton.cdiv(R, block_r), triton.cdiv(H, block_h))
     noise_embedding_fwd_kernel[grid](
@@ -232,17 +235,13 @@ def noise_embedding_bwd(
     num_embeddings: int,
 ) -> torch.Tensor:
     """``grad_out [Bt, N*B, H]`` (contiguous) -> ``dweight [V, H]`` (grad_out's dtype), deterministic."""
-    Bt, N = anchors.shape
-    S = input_ids.shape[1]
+    S, NB, R, keep_u8 = _slots(input_ids, anchors, keep, block_size)
     H = grad_out.shape[-1]
-    NB = N * block_size
-    R = Bt * NB
     dev = grad_out.device
     dw = torch.zeros((num_embeddings, H), dtype=grad_out.dtype, device=dev)
     if R == 0 or H == 0:
         return dw
     g = grad_out.contiguous()
-    keep_u8 = keep.view(torch.uint8)
     tok = torch.empty(R, dtype=torch.int32, device=dev)
     noise_embedding_ids_kernel[(triton.cdiv(R, 1024),)](
         tok, input_ids, anchors, keep_u8, prefix_lens,
