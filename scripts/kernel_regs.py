@@ -6,12 +6,15 @@ types, integer and alignment specializations, constexprs) and ``triton.compile``
 Triton) reads the cubin's resource usage. No GPU needed. The numbers track an H200 run of the
 same kernel (a different Triton version can differ a little): check a register-pressure change
 here before spending device time. Spills inside a hot loop cost the most; a spill stack of 0 is
-the goal for the bf16 paths.
+the goal for the bf16 paths. ``--sass DIR`` also writes the machine code: a refactor whose SASS
+diff is empty needs no new GPU run.
 
-Usage (repository root):  python scripts/kernel_regs.py [--ops ce attn emb] [--arch 90]
+Usage (repository root):  python scripts/kernel_regs.py [--ops ce attn emb] [--arch 90] [--sass DIR]
 """
 import argparse
+import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -46,9 +49,24 @@ def capture(run_op):
     return seen
 
 
-def resource_usage(fn, args, kwargs, arch):
+def _cuobjdump(cubin: bytes, *flags: str) -> str:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, *flags, f.name], capture_output=True, text=True).stdout
+
+
+def normalized_sass(cubin: bytes) -> str:
+    """The machine code without addresses and encodings: equal text = the same instructions."""
+    lines = (re.sub(r"/\*[0-9a-f]{4,}\*/", "", line).strip() for line in _cuobjdump(cubin, "-sass").splitlines())
+    return "\n".join(l for l in lines if l and not l.startswith(("code for", "Function", ".", "//", "Fatbin", "=")))
+
+
+def resource_usage(fn, args, kwargs, arch, sass_dir=None):
     """Compile one recorded launch the way ``JITFunction.run`` would on an sm_``arch`` device
-    (Triton's own binder: the same argument types, integer and alignment specializations)."""
+    (Triton's own binder: the same argument types, integer and alignment specializations).
+    ``sass_dir``: also write the kernel's normalized SASS there, one file per specialization."""
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     kwargs = dict(kwargs, debug=False)
@@ -56,16 +74,15 @@ def resource_usage(fn, args, kwargs, arch):
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    line = next(l for l in out.splitlines() if "REG:" in l)
+    line = next(l for l in _cuobjdump(k.asm["cubin"], "--dump-resource-usage").splitlines() if "REG:" in l)
     fields = dict(x.split(":") for x in line.split() if ":" in x)
     named = {fn.params[path[0]].name: v for path, v in constexprs.items() if len(path) == 1}
     key = ", ".join(f"{n}={v}" for n, v in named.items() if n.isupper() and not isinstance(v, float))
     opts = {"num_warps": options.num_warps, "num_stages": options.num_stages}
+    if sass_dir:
+        tag = hashlib.md5(f"{key} {opts}".encode()).hexdigest()[:8]
+        with open(os.path.join(sass_dir, f"{fn.__name__}_{tag}.sass"), "w") as f:
+            f.write(normalized_sass(k.asm["cubin"]))
     return int(fields["REG"]), int(fields["STACK"]), k.metadata.shared, opts, key
 
 
@@ -121,13 +138,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ops", nargs="+", default=["ce", "attn", "emb"], choices=["ce", "attn", "emb"])
     ap.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90 = H100/H200)")
+    ap.add_argument("--sass", metavar="DIR", help="also write each kernel's normalized SASS to DIR: run before and "
+                    "after a refactor and `diff -r` the two folders (no difference = the same machine code)")
     args = ap.parse_args()
+    if args.sass:
+        os.makedirs(args.sass, exist_ok=True)
     print("| kernel | constexprs | warps/stages | registers | spill stack (B/thread) | shared (B) |")
     print("|---|---|---|---|---|---|")
     done = set()
     for op, run_op in ops(args.ops).items():
         for fn, a, kw in capture(run_op):
-            regs, stack, smem, opts, key = resource_usage(fn, a, kw, args.arch)
+            regs, stack, smem, opts, key = resource_usage(fn, a, kw, args.arch, args.sass)
             row = (fn.__name__, key, opts.get("num_warps", 4), opts.get("num_stages", 3))
             if row in done:
                 continue

@@ -18,12 +18,15 @@ def _run(*args):
 def test_kernel_regs_compiles_for_sm90_without_a_gpu():
     """scripts/kernel_regs.py replays the embedding launch through an sm_90 compile and reports it."""
     pytest.importorskip("triton.backends.nvidia")
-    p = _run("scripts/kernel_regs.py", "--ops", "emb")
+    sass = REPO / "build" / "test_kernel_regs_sass"
+    p = _run("scripts/kernel_regs.py", "--ops", "emb", "--sass", str(sass))
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [line for line in p.stdout.splitlines() if line.startswith("| noise_embedding_fwd_kernel")]
     assert rows, p.stdout
     regs, stack = (int(x) for x in rows[0].split("|")[4:6])
     assert 0 < regs <= 255 and stack >= 0
+    dumps = list(sass.glob("noise_embedding_fwd_kernel_*.sass"))
+    assert dumps and "EXIT" in dumps[0].read_text(), "the SASS dump should hold the kernel's instructions"
 
 
 def test_kernel_regs_help():
