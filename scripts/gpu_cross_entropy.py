@@ -169,11 +169,64 @@ def time_shape(T, H, V, frac, which):
 
 
 CONFIGS = {
-    "default": ce_triton.CEConfig(),
-    "h128": ce_triton.CEConfig(block_h=128),
-    "s3": ce_triton.CEConfig(num_stages=3),
-    "n128": ce_triton.CEConfig(block_n=128),
+    "default": ce_triton.CEConfig(),  # the split schedule
+    "fused": ce_triton.CEConfig(schedule="fused"),
+    "fused_b40": ce_triton.CEConfig(schedule="fused", budget=40 << 20),
+    **{f"split_r{m}x{c}w{w}": ce_triton.CEConfig(rows_m=m, rows_block=c, rows_warps=w)
+       for m, c, w in [(2, 1024, 4), (2, 2048, 8), (1, 4096, 8)]},
+    "split_b40": ce_triton.CEConfig(budget=40 << 20),
 }
+
+
+def profile(T, H, V, frac):
+    """GPU time per kernel name over one fwd+bwd of ours (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    h, W, labels, mask, off = make(T, H, V, frac, seed=1)
+    h.requires_grad_(True)
+    fn = providers(h, W, labels, mask, off)["ours"]
+    fn()
+    torch.cuda.synchronize()
+    with tprofile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    tot = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = e.name[:60]
+            n, t = tot.get(k, (0, 0.0))
+            tot[k] = (n + 1, t + e.device_time_total / 1e3)
+    gpu = sum(t for _, t in tot.values())
+    print(f"profile {CFG_NAME} T={T} sup={frac:.0%}: GPU kernels total {gpu:.3f} ms")
+    for k, (n, t) in sorted(tot.items(), key=lambda kv: -kv[1][1])[:8]:
+        print(f"  {t:8.3f} ms  x{n:<4d} {k}")
+
+
+def split_floor(T, H, V, frac, cfg):
+    """The split schedule's cuBLAS calls alone (same plan, no row pass): what its matmuls cost."""
+    h, W, _, mask, _ = make(T, H, V, frac, seed=1)
+    rows = torch.nonzero(mask).flatten()
+    Tc = rows.numel()
+    gather = Tc != T
+    Tb, Vc = ce_triton._plan_split(Tc, H, V, 2, cfg, True, gather)
+    s_buf = torch.empty(Tb * Vc, device=DEV, dtype=h.dtype)
+    acc = torch.empty(Tb, H, device=DEV)
+    h_buf = torch.empty(Tb, H, device=DEV, dtype=h.dtype)
+
+    def run():
+        for t0 in range(0, Tc, Tb):
+            tb = min(Tb, Tc - t0)
+            hb = torch.index_select(h, 0, rows[t0:t0 + tb], out=h_buf[:tb]) if gather else h[t0:t0 + tb]
+            for v0 in range(0, V, Vc):
+                width = min(Vc, V - v0)
+                sv = s_buf[:tb * width].view(tb, width)
+                torch.mm(hb, W[v0:v0 + width].t(), out=sv)
+                ce_triton._mm_f32(acc[:tb], sv, W[v0:v0 + width], v0 > 0)
+
+    ms = bench(run)
+    row = {"T": T, "H": H, "V": V, "sup": frac, "provider": "split_cublas_only", "ms": ms, "peak_mib": 0.0,
+           "cfg": f"{CFG_NAME} Tb={Tb} Vc={Vc}", "tflops_2mm": 2 * 2.0 * Tc * H * V / ms / 1e9}
+    RESULTS["timing"].append(row)
+    print("time", json.dumps(row), flush=True)
 CFG_NAME = "default"
 
 if __name__ == "__main__":
@@ -182,6 +235,7 @@ if __name__ == "__main__":
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider (slow to compile)")
     ap.add_argument("--shapes", default="key", help="'key': T=3584 H=2560 V=151936; 'all': the benchmark grid")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="per-kernel GPU times of ours for each swept config")
     ap.add_argument("--budget-mib", type=int, default=0, help="override CEConfig.budget (acc + 2 P chunk buffers)")
     ap.add_argument("--extra", default="", help="more shapes for ours + torch.compile only, e.g. '8192x4096x262144'")
     ARGS = ap.parse_args()
@@ -192,7 +246,10 @@ if __name__ == "__main__":
     RESULTS["env"] = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name()}
     print(RESULTS["env"], flush=True)
     torch.manual_seed(0)
-    if not ARGS.no_check:
+
+    def checks():
+        if ARGS.no_check:
+            return
         for args in [(512, 2560, 151936, torch.bfloat16, None), (300, 2560, 262144, torch.bfloat16, 30.0)]:
             try:
                 check(*args)
@@ -208,14 +265,22 @@ if __name__ == "__main__":
     for cname in names:
         CFG_NAME = cname
         ce_triton._config = lambda dev, dot_dtype, c=CONFIGS[cname]: c
+        checks()  # every config swept is checked too
         r = time_shape(3584, 2560, 151936, 1.0, ("ours",))  # the harder case decides
         time_shape(3584, 2560, 151936, 0.5, ("ours",))
+        if CONFIGS[cname].schedule == "split":
+            for frac in (1.0, 0.5):
+                split_floor(3584, 2560, 151936, frac, CONFIGS[cname])
+        if ARGS.profile:
+            profile(3584, 2560, 151936, 1.0)
         if "ours" in r and (best is None or r["ours"][0] < best[1]):
             best = (cname, r["ours"][0])
     if best is not None:
         CFG_NAME = best[0]
         ce_triton._config = lambda dev, dot_dtype, c=CONFIGS[best[0]]: c
         print("best config", best, flush=True)
+    if best is None:
+        checks()  # no sweep: check the default config
     everyone = ("ours", "ours_fwd_nograd", "torch_eager", "torch_compile", "liger_flce(no decay)", "cce")
     for (T, H, V) in shapes:
         for frac in (1.0, 0.5):

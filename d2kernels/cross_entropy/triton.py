@@ -49,15 +49,27 @@ class CEConfig:
     block_h: int = 256  # hidden columns per B tile
     num_warps: int = 8
     num_stages: int = 4  # H200 sweeps: n256/h256/s4 beat h128, n128 and s3 (benchmarks/RESULTS_cross_entropy.md)
-    budget: int = 40 * _MiB  # acc [Tb, H] f32 + P [Tb, Vc]
+    # fused: acc [Tb, H] f32 + P [Tb, Vc]; split: acc + gathered h [Tb, H] + S [Tb, Vc]. With the
+    # [T, H] d hidden stash next to it, 45 MiB keeps the key shape's peak at 62-63 MiB (<= 64)
+    budget: int = 45 * _MiB
     stats_cols: int = 64  # stats columns per chunk when no P is written (forward only)
     finalize_m: int = 32
     finalize_h: int = 256
+    # "split" (16-bit inputs of one dtype; fp32 and mixed inputs always run "fused"): per T-block and
+    # vocabulary chunk cuBLAS writes the logits chunk, one Triton row pass folds it into the running
+    # stats and turns it into P in place, cuBLAS accumulates P @ W. "fused": both matmuls in the
+    # Triton tile kernel. H200, T=3584 H=2560 V=151936: split 10.5 / 5.6 ms, fused 11.8 / 6.3 ms
+    # (100% / 50% supervised; benchmarks/RESULTS_cross_entropy.md)
+    schedule: str = "split"
+    rows_m: int = 1  # rows per program of the split schedule's row pass
+    rows_block: int = 2048  # columns per step of the row pass (0: the whole chunk row in one step)
+    rows_warps: int = 4
+    rows_prefetch: bool = True  # the next column tile's load in flight during this one's math
 
 
 def _config(device: torch.device, dot_dtype: torch.dtype) -> CEConfig:
     if device.type != "cuda":  # Triton interpreter: small tiles keep CPU tests fast
-        return CEConfig(block_m=32, block_n=64, block_k=16, block_h=64, num_warps=4, num_stages=1,
+        return CEConfig(block_m=32, block_n=64, block_k=16, block_h=64, num_warps=4, num_stages=1, rows_block=64, rows_m=4,
                         stats_cols=2, finalize_m=32, finalize_h=64)
     if dot_dtype == torch.float32:
         # 4-byte tiles: 4 stages asked 329 KB of shared memory on the H200 (limit 227 KB); 2 halve it
@@ -363,16 +375,107 @@ def _ce_block_kernel(
                 )
             _done(done_a + chunk * n_tm + tile_m)
 
+@triton.jit
+def _rescale_row_span(p_ptr, stride, o_r, m_r, alpha, n, BLOCK: tl.constexpr, CAST: tl.constexpr):
+    """``x[o_r, :n] *= alpha[:, None]`` (rows ``o_r`` of a row-major buffer; CAST: stored in p_ptr's dtype)."""
+    o_c = tl.arange(0, BLOCK)
+    for c0 in range(0, n, BLOCK):
+        m = m_r[:, None] & ((c0 + o_c) < n)[None, :]
+        q = p_ptr + o_r[:, None] * stride + (c0 + o_c)[None, :]
+        x = tl.load(q, mask=m, other=0.0).to(tl.float32) * alpha[:, None]
+        if CAST:
+            x = x.to(p_ptr.dtype.element_ty)
+        tl.store(q, x, mask=m)
+
+
+# ``width`` stays specialized: a mask built from a width Triton knows to be a multiple of 16 keeps
+# 16-byte loads and stores (unspecialized, every access split into 2-byte ones: 4x slower)
+@triton.jit(do_not_specialize=["tb", "v0", "first"])
+def _ce_rows_kernel(
+    s_ptr, lab_ptr, acc_ptr, ref_ptr, mmax_ptr, srun_ptr, zl_ptr,
+    tb, H, v0, width, stride_s, softcap, first,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SOFTCAP: tl.constexpr, TAU: tl.constexpr,
+    WRITE_P: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """Split schedule, ``BLOCK_R`` supervised rows per program, one pass over the logits chunk
+    ``S[rows, :width]`` (columns ``v0..``, raw, before softcap): fold it into the rows' running stats
+    and (WRITE_P) overwrite it in place with ``P = exp(z - r) * softcap'(z)``.
+
+    ``r`` is a row's reference (its ``acc`` row and sum are relative to it). It moves only when a
+    column tile's max exceeds it by more than ``TAU`` (rare after the first tile of the first chunk);
+    then the row's sum, the P tiles already written and (after the first chunk) its ``acc`` row are
+    rescaled here, before the next ``acc += P @ W[chunk]``. ``mmax`` = the exact running max (for
+    ``correct``); ``zl`` = the label's logit when the label lies in this chunk.
+    """
+    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < tb
+    o_r64 = o_r.to(tl.int64)
+    o_c = tl.arange(0, BLOCK_C)
+    if first != 0:
+        r = tl.where(m_r, float("-inf"), 0.0)  # rows past tb keep a finite reference (no inf - inf)
+        s_run = tl.zeros((BLOCK_R,), tl.float32)
+        m_max = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    else:
+        r = tl.load(ref_ptr + o_r, mask=m_r, other=0.0)
+        s_run = tl.load(srun_ptr + o_r, mask=m_r, other=0.0)
+        m_max = tl.load(mmax_ptr + o_r, mask=m_r, other=0.0)
+    lab = tl.load(lab_ptr + o_r, mask=m_r, other=-1)
+    zl = tl.zeros((BLOCK_R,), tl.float32)
+    p_rows = s_ptr + o_r64[:, None] * stride_s  # [BLOCK_R, 1]
+    if PREFETCH:
+        z_next = tl.load(p_rows + o_c[None, :], mask=m_r[:, None] & (o_c < width)[None, :], other=float("-inf"))
+    for c0 in range(0, width, BLOCK_C):
+        m_c = (c0 + o_c) < width
+        m = m_r[:, None] & m_c[None, :]
+        if PREFETCH:  # the next tile's load is in flight while this one is reduced and stored
+            z = z_next.to(tl.float32)  # [BLOCK_R, BLOCK_C]
+            o_n = c0 + BLOCK_C + o_c
+            z_next = tl.load(p_rows + o_n[None, :], mask=m_r[:, None] & (o_n < width)[None, :], other=float("-inf"))
+        else:
+            z = tl.load(p_rows + (c0 + o_c)[None, :], mask=m, other=float("-inf")).to(tl.float32)
+        if SOFTCAP:
+            z = tl.where(m, softcap * _tanh(z / softcap), float("-inf"))  # tanh(-inf) = -1: re-mask padding
+        t_max = tl.max(z, axis=1)
+        m_max = tl.maximum(m_max, t_max)
+        hit = (v0 + c0 + o_c)[None, :] == lab[:, None]
+        zl += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        move = (t_max > r + TAU) & m_r
+        if tl.sum(move.to(tl.int32), axis=0) > 0:
+            # a logit far above the reference (always on the first tile of the first chunk): the
+            # moved rows take the tile max; what is already relative to the old one is rescaled
+            alpha = tl.where(move, tl.exp(tl.minimum(r - t_max, 0.0)), 1.0)  # 0 from r = -inf
+            r = tl.where(move, t_max, r)
+            s_run = s_run * alpha
+            if WRITE_P:
+                _rescale_row_span(s_ptr, stride_s, o_r64, move, alpha, c0, BLOCK_C, True)
+                if first == 0:
+                    _rescale_row_span(acc_ptr, H, o_r64, move, alpha, H, BLOCK_C, False)
+        e = tl.exp(z - r[:, None])  # 0 past width; <= e^TAU
+        s_run += tl.sum(e, axis=1)
+        if WRITE_P:
+            if SOFTCAP:
+                zc = tl.where(m, z / softcap, 0.0)
+                e = e * (1.0 - zc * zc)
+            tl.store(p_rows + (c0 + o_c)[None, :], e.to(s_ptr.dtype.element_ty), mask=m)
+    in_chunk = m_r & (lab >= v0) & (lab < v0 + width)
+    tl.store(zl_ptr + o_r, zl, mask=in_chunk)
+    tl.store(ref_ptr + o_r, r, mask=m_r)
+    tl.store(srun_ptr + o_r, s_run, mask=m_r)
+    tl.store(mmax_ptr + o_r, m_max, mask=m_r)
+
 
 @triton.jit(do_not_specialize=["Tb"])
 def _ce_finalize_kernel(
-    w_ptr, rows_ptr, lab_ptr, tw_ptr, zl_ptr, acc_ptr, mrun_ptr, srun_ptr, err_ptr,
+    w_ptr, rows_ptr, lab_ptr, tw_ptr, zl_ptr, acc_ptr, mrun_ptr, srun_ptr, mmax_ptr, err_ptr,
     dh_ptr, lse_ptr, loss_ptr, correct_ptr,
     Tb, H, softcap, stride_wv, stride_wh, stride_dt, stride_dh,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, SOFTCAP: tl.constexpr,
     NEED_DH: tl.constexpr, RETURN_CORRECT: tl.constexpr,
 ):
     """``lse``, ``w * CE``, ``correct`` per supervised row; ``dh_unit[rows] = w * (acc / S - softcap'(z_l) W[label])``.
+
+    ``acc`` and the sum ``S`` are relative to ``mrun`` (lse = mrun + log S); ``mmax`` is the row's
+    exact max (``correct`` = label logit >= it): the same pointer as ``mrun`` in the fused schedule.
 
     A raised error flag (a dependency wait that gave up) turns ``lse`` and the loss into NaN.
     """
@@ -391,7 +494,8 @@ def _ce_finalize_kernel(
         tl.store(lse_ptr + rows, lse, mask=m_m)
         tl.store(loss_ptr + o_m, tw * (lse - zl), mask=m_m)
         if RETURN_CORRECT:
-            tl.store(correct_ptr + rows, (zl >= m_run).to(tl.int8), mask=m_m)
+            m_max = tl.load(mmax_ptr + o_m, mask=m_m, other=0.0)
+            tl.store(correct_ptr + rows, (zl >= m_max).to(tl.int8), mask=m_m)
     if NEED_DH:
         o_h = tile_h * BLOCK_H + tl.arange(0, BLOCK_H)
         m_h = o_h < H
@@ -437,6 +541,32 @@ def _ce_dlogits_kernel(
              mask=m_m[:, None] & (o_dn < width)[None, :])
 
 
+@triton.jit(do_not_specialize=["Tc", "v0"])
+def _ce_dlogits_rows_kernel(
+    d_ptr, lab_ptr, tw_ptr, lse_ptr, grad_ptr,
+    Tc, v0, width, stride_d, softcap,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SOFTCAP: tl.constexpr,
+):
+    """Split schedule's ``dW``: the logits chunk ``D [Tc, width]`` (cuBLAS, raw; ``lse [Tc]`` from the
+    same calls) becomes ``dlogits = g w (softmax - onehot) softcap'`` in place."""
+    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < Tc
+    lse = tl.load(lse_ptr + o_r, mask=m_r, other=0.0)
+    lab = tl.load(lab_ptr + o_r, mask=m_r, other=-1)
+    tw = tl.load(tw_ptr + o_r, mask=m_r, other=0.0) * tl.load(grad_ptr)
+    p_rows = d_ptr + o_r.to(tl.int64)[:, None] * stride_d
+    o_c = tl.arange(0, BLOCK_C)
+    for c0 in range(0, width, BLOCK_C):
+        m = m_r[:, None] & ((c0 + o_c) < width)[None, :]
+        z = tl.load(p_rows + (c0 + o_c)[None, :], mask=m, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        b_d = tl.exp(z - lse[:, None]) - tl.where((v0 + c0 + o_c)[None, :] == lab[:, None], 1.0, 0.0)
+        if SOFTCAP:
+            b_d = b_d * (1.0 - (z / softcap) * (z / softcap))
+        tl.store(p_rows + (c0 + o_c)[None, :], (b_d * tw[:, None]).to(d_ptr.dtype.element_ty), mask=m)
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -475,6 +605,90 @@ def _plan(Tc: int, H: int, V: int, p_bytes: int, cfg: CEConfig, write_p: bool) -
     return Tb, min(Vc, v_pad)
 
 
+def _plan_split(Tc: int, H: int, V: int, itemsize: int, cfg: CEConfig, need_dh: bool, gather: bool) -> tuple[int, int]:
+    """Split schedule: rows per T-block ``Tb`` and logits columns per chunk ``Vc`` (a multiple of 64)
+    within the budget: ``acc [Tb, H]`` f32 (need_dh) + gathered ``h [Tb, H]`` (gather) + ``S [Tb, Vc]``."""
+    bm = cfg.block_m
+    per_row = (4 * H if need_dh else 0) + (itemsize * H if gather else 0)
+    tb_cap = max(bm, (cfg.budget // 2) // max(per_row, 1) // bm * bm)
+    n_blocks = triton.cdiv(Tc, tb_cap)
+    Tb = min(Tc, triton.cdiv(triton.cdiv(Tc, n_blocks), bm) * bm)
+    Vc = max(64, (cfg.budget - Tb * per_row) // (Tb * itemsize) // 64 * 64)
+    return Tb, min(Vc, V)
+
+
+def _mm_f32(acc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, accumulate: bool) -> None:
+    """``acc (=|+=) p @ w`` into the f32 ``acc`` with f32 accumulation (cuBLAS ``out_dtype`` on CUDA)."""
+    if acc.is_cuda:
+        if accumulate:
+            torch.addmm(acc, p, w, out_dtype=torch.float32, out=acc)
+        else:
+            torch.mm(p, w, out_dtype=torch.float32, out=acc)
+    else:  # CPU (the interpreter tests): no out_dtype kernel there
+        prod = p.float() @ w.float()
+        acc.add_(prod) if accumulate else acc.copy_(prod)
+
+
+def _rows_pass(s: torch.Tensor, labels: torch.Tensor, acc: torch.Tensor, stats: torch.Tensor, v0: int,
+               cfg: CEConfig, softcap: float, write_p: bool) -> None:
+    """``_ce_rows_kernel`` over the logits chunk ``s [tb, width]`` (columns ``v0..``); ``stats [4, >= tb]``
+    f32 = reference, running sum, running max, label logit per row (started at ``v0 == 0``)."""
+    tb, width = s.shape
+    _ce_rows_kernel[(triton.cdiv(tb, cfg.rows_m),)](
+        s, labels, acc, stats[0], stats[2], stats[1], stats[3],
+        tb, acc.shape[-1], v0, width, s.stride(0), softcap, int(v0 == 0),
+        BLOCK_R=cfg.rows_m, BLOCK_C=cfg.rows_block or triton.next_power_of_2(width), SOFTCAP=softcap > 0,
+        TAU=_tau(s.dtype), WRITE_P=write_p, PREFETCH=cfg.rows_prefetch, num_warps=cfg.rows_warps,
+    )
+
+
+def _forward_split(hidden, weight, rows, lab_c, tw_c, cfg: CEConfig, softcap: float, return_correct: bool,
+                   need_dh: bool, lse, correct, dh) -> torch.Tensor:
+    """The split schedule (16-bit ``hidden`` and ``weight`` of one dtype); fills ``lse``, ``correct``, ``dh``
+    and returns ``num``. Per T-block and vocabulary chunk: ``S = h @ W[chunk]^T`` (cuBLAS, in the
+    inputs' dtype, the precision of a plain torch lm_head), ``_ce_rows_kernel`` (stats, and ``S``
+    becomes ``P`` in place), ``acc += P @ W[chunk]`` (cuBLAS, f32 accumulate). Rows are gathered per
+    T-block unless every token is supervised."""
+    dev = hidden.device
+    T, H = hidden.shape
+    V = weight.shape[0]
+    Tc = rows.numel()
+    f32 = torch.float32
+    gather = Tc != T  # all supervised: rows == arange(T), so T-blocks are plain slices of hidden
+    Tb, Vc = _plan_split(Tc, H, V, hidden.element_size(), cfg, need_dh, gather)
+    s_buf = _empty((Tb * Vc,), hidden.dtype, dev)
+    h_buf = _empty((Tb, H), hidden.dtype, dev) if gather else None
+    acc = _empty((Tb, H) if need_dh else (1,), f32, dev)
+    stats = _empty((4, Tb), f32, dev)
+    ref, s_run, m_max, z_lab = stats
+    loss_c = _empty((Tc,), f32, dev)
+    err = torch.zeros(1, dtype=torch.int32, device=dev)
+    sc = float(softcap)
+    rows32 = rows.to(torch.int32)
+    for t0 in range(0, Tc, Tb):
+        tb = min(Tb, Tc - t0)
+        r_blk, l_blk, w_blk = rows32[t0:t0 + tb], lab_c[t0:t0 + tb], tw_c[t0:t0 + tb]
+        h_blk = torch.index_select(hidden, 0, rows[t0:t0 + tb], out=h_buf[:tb]) if gather else hidden[t0:t0 + tb]
+        for v0 in range(0, V, Vc):
+            width = min(Vc, V - v0)
+            s = s_buf[:tb * width].view(tb, width)  # contiguous for cuBLAS, also the last chunk
+            w_chunk = weight[v0:v0 + width]
+            torch.mm(h_blk, w_chunk.t(), out=s)
+            _rows_pass(s, l_blk, acc, stats, v0, cfg, sc, need_dh)
+            if need_dh:
+                _mm_f32(acc[:tb], s, w_chunk, accumulate=v0 > 0)
+        grid = (triton.cdiv(tb, cfg.finalize_m), triton.cdiv(H, cfg.finalize_h) if need_dh else 1)
+        _ce_finalize_kernel[grid](
+            weight, r_blk, l_blk, w_blk, z_lab, acc, ref, s_run, m_max, err,
+            dh, lse, loss_c[t0:t0 + tb], correct.view(torch.int8),
+            tb, H, sc, weight.stride(0), weight.stride(1),
+            dh.stride(0) if need_dh else 0, dh.stride(1) if need_dh else 0,
+            BLOCK_M=cfg.finalize_m, BLOCK_H=cfg.finalize_h, SOFTCAP=sc > 0,
+            NEED_DH=need_dh, RETURN_CORRECT=return_correct, num_warps=4,
+        )
+    return loss_c.sum()
+
+
 def _forward(hidden, weight, labels, token_weights, softcap: float, return_correct: bool, need_dh: bool):
     _check_inputs(hidden, weight)
     dev = hidden.device
@@ -495,6 +709,9 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
     tw_c = tw[rows].contiguous()
     dot_dtype = _dot_dtype(hidden, weight)
     cfg = _config(dev, dot_dtype)
+    if cfg.schedule == "split" and hidden.dtype == weight.dtype != torch.float32:
+        num = _forward_split(hidden, weight, rows, lab_c, tw_c, cfg, softcap, return_correct, need_dh, lse, correct, dh)
+        return num, den, lse, correct, dh
     p_dtype = weight.dtype  # P meets W in the second matmul
     Tb, Vc = _plan(Tc, H, V, p_dtype.itemsize, cfg, need_dh)
     n_chunks = triton.cdiv(V, Vc)
@@ -539,7 +756,7 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
         s_fin = s_run.view(-1)[last * tb:(last + 1) * tb]
         grid = (triton.cdiv(tb, cfg.finalize_m), triton.cdiv(H, cfg.finalize_h) if need_dh else 1)
         _ce_finalize_kernel[grid](
-            weight, r_blk, l_blk, w_blk, z_lab, acc, m_fin, s_fin, err,
+            weight, r_blk, l_blk, w_blk, z_lab, acc, m_fin, s_fin, m_fin, err,
             dh, lse, loss_c[t0:t0 + tb], correct_i8,
             tb, H, sc, weight.stride(0), weight.stride(1),
             dh.stride(0) if need_dh else 0, dh.stride(1) if need_dh else 0,
@@ -579,28 +796,47 @@ def _dweight(grad_num, hidden, weight, labels, token_weights, lse, softcap: floa
     bn = cfg.block_n
     Vc = max(bn, cfg.budget // 2 // (Tc * dot_dtype.itemsize) // bn * bn)
     Vc = min(Vc, triton.cdiv(V, bn) * bn)
-    d_buf = _empty((Tc, Vc), dot_dtype, dev)
+    # the split schedule's lse comes from logits rounded to the inputs' dtype: dlogits must see the same
+    split = cfg.schedule == "split" and hidden.dtype == weight.dtype != torch.float32
+    d_buf = _empty((Tc * Vc,), dot_dtype, dev)
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=dev)  # contiguous: mm writes row slices
     mixed = dot_dtype != weight.dtype
     dw_chunk = _empty((Vc, H), dot_dtype, dev) if mixed else None  # f32 product, cast per chunk
     g = grad_num.to(torch.float32).reshape(1)
     sc = float(softcap)
+    if split:
+        # which rounding of a logit cuBLAS returns depends on the call's shape, and the forward's
+        # chunks differ from these: lse is recomputed from exactly the calls the pass below repeats
+        stats = _empty((4, Tc), torch.float32, dev)
+        for v0 in range(0, V, Vc):
+            d = d_buf[:Tc * min(Vc, V - v0)].view(Tc, -1)
+            torch.mm(h_c, weight[v0:v0 + d.shape[1]].t(), out=d)
+            _rows_pass(d, lab_c, h_c, stats, v0, cfg, sc, False)
+        lse_c = stats[0] + torch.log(stats[1])
     for v0 in range(0, V, Vc):
         width = min(Vc, V - v0)
-        grid = (triton.cdiv(Tc, cfg.block_m), triton.cdiv(width, bn))
-        _ce_dlogits_kernel[grid](
-            hidden, weight, rows32, lab_c, tw_c, lse, d_buf, g,
-            Tc, H, V, v0, width, sc,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), d_buf.stride(0),
-            BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=cfg.block_k, EVEN_K=H % cfg.block_k == 0,
-            SOFTCAP=sc > 0, DOT_DTYPE=_TL_DTYPE[dot_dtype], IEEE=dot_dtype == torch.float32,
-            num_warps=cfg.num_warps, num_stages=min(cfg.num_stages, 3),  # 3: the depth checked on the H200
-        )
+        d = d_buf[:Tc * width].view(Tc, width)
+        if split:
+            torch.mm(h_c, weight[v0:v0 + width].t(), out=d)
+            _ce_dlogits_rows_kernel[(triton.cdiv(Tc, cfg.rows_m),)](
+                d, lab_c, tw_c, lse_c, g, Tc, v0, width, d.stride(0), sc,
+                BLOCK_R=cfg.rows_m, BLOCK_C=cfg.rows_block or 1024, SOFTCAP=sc > 0, num_warps=cfg.rows_warps,
+            )
+        else:
+            grid = (triton.cdiv(Tc, cfg.block_m), triton.cdiv(width, bn))
+            _ce_dlogits_kernel[grid](
+                hidden, weight, rows32, lab_c, tw_c, lse, d, g,
+                Tc, H, V, v0, width, sc,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), d.stride(0),
+                BLOCK_M=cfg.block_m, BLOCK_N=bn, BLOCK_K=cfg.block_k, EVEN_K=H % cfg.block_k == 0,
+                SOFTCAP=sc > 0, DOT_DTYPE=_TL_DTYPE[dot_dtype], IEEE=dot_dtype == torch.float32,
+                num_warps=cfg.num_warps, num_stages=min(cfg.num_stages, 3),  # 3: the depth checked on the H200
+            )
         if mixed:
-            torch.mm(d_buf[:, :width].t(), h_c, out=dw_chunk[:width])
+            torch.mm(d.t(), h_c, out=dw_chunk[:width])
             dw[v0:v0 + width].copy_(dw_chunk[:width])
         else:
-            torch.mm(d_buf[:, :width].t(), h_c, out=dw[v0:v0 + width])
+            torch.mm(d.t(), h_c, out=dw[v0:v0 + width])
     return dw
 
 
