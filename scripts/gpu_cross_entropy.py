@@ -175,6 +175,7 @@ CONFIGS = {
     **{f"split_r{m}x{c}w{w}": ce_triton.CEConfig(rows_m=m, rows_block=c, rows_warps=w)
        for m, c, w in [(2, 1024, 4), (2, 2048, 8), (1, 4096, 8)]},
     "split_b40": ce_triton.CEConfig(budget=40 << 20),
+    "split_share35": ce_triton.CEConfig(rows_share=0.35),
 }
 
 

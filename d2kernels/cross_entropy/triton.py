@@ -4,8 +4,21 @@ Only supervised tokens (weight > 0) are visited: they are compacted first (one h
 their count ``Tc``, which sizes the grids). Shapes: ``hidden [T, H]``, ``weight [V, H]``.
 
 Frozen lm_head (the drafter case) costs two matmuls over the supervised tokens, both in the
-forward, and the ``[T, V]`` logits never exist. For each T-block ``[Tb]`` of supervised rows and
-each vocabulary chunk ``k`` (``Vc`` columns):
+forward, and the ``[T, V]`` logits never exist. Two schedules (``CEConfig.schedule``):
+
+split (the default for 16-bit ``hidden`` and ``weight`` of one dtype). For each T-block of
+supervised rows (gathered, or plain slices when every token is supervised) and vocabulary chunk:
+  ``S = h @ W[chunk]^T``  cuBLAS, in the inputs' dtype (the rounding of a plain torch lm_head);
+  ``_ce_rows_kernel``     one pass over ``S``: running max / sum / label logit per row, and ``S``
+                          becomes ``P = exp(z - r) * softcap'(z)`` in place. The row reference ``r``
+                          moves only when a tile's max exceeds it by more than TAU; then the row's
+                          sum, P tiles already written and ``acc`` row are rescaled right there;
+  ``acc += P @ W[chunk]`` cuBLAS with f32 output (``out_dtype``).
+Then ``_ce_finalize_kernel`` as below. The matmuls run at cuBLAS's rate; the price is one write
+and one read of each logits chunk, which the budget keeps small.
+
+fused (fp32 and mixed inputs; ``schedule="fused"`` otherwise): both matmuls in Triton tiles.
+For each T-block ``[Tb]`` of supervised rows and each vocabulary chunk ``k`` (``Vc`` columns):
 
   A(k): ``z = h @ W[chunk]^T`` tile by tile; per (row, tile) max ``m`` and ``s = Σ exp(z - m)``;
         ``P = exp(z - R) * softcap'(z)`` into the chunk buffer, ``R`` = the running row max after
@@ -24,7 +37,9 @@ spins too long sets an error flag and the loss comes out NaN instead of a hang. 
 boundary, no tail wave per chunk. ``dhidden = grad_num * dh_unit`` is then one elementwise op in backward.
 Extra memory: ``acc [Tb, H]`` f32 + ``P [Tb, Vc]`` (sized to a budget) + the ``[T, H]`` stash.
 A trainable lm_head adds a backward pass: recompute a logits chunk with the final ``lse``, write
-``dlogits [Tc, Vc]`` and ``dW[chunk] = dlogits^T @ h`` (cuBLAS). No float atomics: deterministic.
+``dlogits [Tc, Vc]`` and ``dW[chunk] = dlogits^T @ h`` (cuBLAS). Under the split schedule the
+logits chunks come from cuBLAS, whose rounding depends on the call's shape, so that pass first
+recomputes ``lse`` from the very calls it then repeats. No float atomics: deterministic.
 """
 from __future__ import annotations
 
@@ -65,6 +80,8 @@ class CEConfig:
     rows_block: int = 2048  # columns per step of the row pass (0: the whole chunk row in one step)
     rows_warps: int = 4
     rows_prefetch: bool = True  # the next column tile's load in flight during this one's math
+    rows_share: float = 0.35  # split: at most this share of the budget for the per-row buffers (acc, h);
+    # 0.35 (T=3584: 3 T-blocks of 1280, chunks of 13312) and 0.5 (2 x 1792, 8000) time the same on the H200
 
 
 def _config(device: torch.device, dot_dtype: torch.dtype) -> CEConfig:
@@ -610,7 +627,7 @@ def _plan_split(Tc: int, H: int, V: int, itemsize: int, cfg: CEConfig, need_dh: 
     within the budget: ``acc [Tb, H]`` f32 (need_dh) + gathered ``h [Tb, H]`` (gather) + ``S [Tb, Vc]``."""
     bm = cfg.block_m
     per_row = (4 * H if need_dh else 0) + (itemsize * H if gather else 0)
-    tb_cap = max(bm, (cfg.budget // 2) // max(per_row, 1) // bm * bm)
+    tb_cap = max(bm, int(cfg.budget * cfg.rows_share) // max(per_row, 1) // bm * bm)
     n_blocks = triton.cdiv(Tc, tb_cap)
     Tb = min(Tc, triton.cdiv(triton.cdiv(Tc, n_blocks), bm) * bm)
     Vc = max(64, (cfg.budget - Tb * per_row) // (Tb * itemsize) // 64 * 64)
