@@ -105,21 +105,23 @@ def ops(names):
         out["attn"] = attn
     if "ce" in names:
         def ce():
-            cfg = ce_triton.CEConfig()  # the GPU tiles (on a CPU the launcher would pick interpreter tiles)
+            from d2kernels.cross_entropy import CEOptions
             orig = ce_triton._config
-            ce_triton._config = lambda dev, dot_dtype: cfg
-            try:
-                T = 3584
-                h = torch.zeros(T, H, dtype=bf)
-                W = torch.zeros(V, H, dtype=bf)
-                labels = torch.zeros(T, dtype=torch.long)
-                w = torch.ones(T)
-                from d2kernels.cross_entropy import CEOptions
-                ce_triton.decayed_ce_fwd_with_grad(h, W, labels, w, CEOptions())
-                ce_triton.decayed_ce_fwd_with_grad(h, W, labels, w, CEOptions(softcap=30.0))
-                ce_triton.decayed_ce_fwd(h, W, labels, w, CEOptions())
-            finally:
-                ce_triton._config = orig
+            # the GPU tiles (on a CPU the launcher would pick interpreter tiles), both schedules; the
+            # split one runs its cuBLAS calls for real here, so it gets a small T and V
+            for schedule, T, Vs in (("fused", 3584, V), ("split", 256, 4096)):
+                cfg = ce_triton.CEConfig(schedule=schedule)
+                ce_triton._config = lambda dev, dot_dtype, cfg=cfg: cfg
+                try:
+                    h = torch.zeros(T, H, dtype=bf)
+                    W = torch.zeros(Vs, H, dtype=bf)
+                    labels = torch.zeros(T, dtype=torch.long)
+                    w = torch.ones(T)
+                    ce_triton.decayed_ce_fwd_with_grad(h, W, labels, w, CEOptions())
+                    ce_triton.decayed_ce_fwd_with_grad(h, W, labels, w, CEOptions(softcap=30.0))
+                    ce_triton.decayed_ce_fwd(h, W, labels, w, CEOptions())
+                finally:
+                    ce_triton._config = orig
         out["ce"] = ce
     if "emb" in names:
         def emb():

@@ -646,6 +646,24 @@ def _mm_f32(acc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, accumulate: boo
         acc.add_(prod) if accumulate else acc.copy_(prod)
 
 
+def _finalize(weight, blk, z_lab, acc, run, err, dh, lse, loss, correct, softcap: float, cfg: CEConfig,
+              need_dh: bool, return_correct: bool) -> None:
+    """``_ce_finalize_kernel`` for one T-block: ``blk`` = (rows, labels, token weights) of its ``tb``
+    rows, ``run`` = (reference, sum relative to it, exact max) per row; writes ``lse``, ``loss``,
+    ``correct`` and ``dh`` rows."""
+    rows, labels, tw = blk
+    tb, H = rows.numel(), weight.shape[1]
+    grid = (triton.cdiv(tb, cfg.finalize_m), triton.cdiv(H, cfg.finalize_h) if need_dh else 1)
+    _ce_finalize_kernel[grid](
+        weight, rows, labels, tw, z_lab, acc, *run, err,
+        dh, lse, loss, correct.view(torch.int8),
+        tb, H, softcap, weight.stride(0), weight.stride(1),
+        dh.stride(0) if need_dh else 0, dh.stride(1) if need_dh else 0,
+        BLOCK_M=cfg.finalize_m, BLOCK_H=cfg.finalize_h, SOFTCAP=softcap > 0,
+        NEED_DH=need_dh, RETURN_CORRECT=return_correct, num_warps=4,
+    )
+
+
 def _rows_pass(s: torch.Tensor, labels: torch.Tensor, acc: torch.Tensor, stats: torch.Tensor, v0: int,
                cfg: CEConfig, softcap: float, write_p: bool) -> None:
     """``_ce_rows_kernel`` over the logits chunk ``s [tb, width]`` (columns ``v0..``); ``stats [4, >= tb]``
@@ -694,15 +712,8 @@ def _forward_split(hidden, weight, rows, lab_c, tw_c, cfg: CEConfig, softcap: fl
             _rows_pass(s, l_blk, acc, stats, v0, cfg, sc, need_dh)
             if need_dh:
                 _mm_f32(acc[:tb], s, w_chunk, accumulate=v0 > 0)
-        grid = (triton.cdiv(tb, cfg.finalize_m), triton.cdiv(H, cfg.finalize_h) if need_dh else 1)
-        _ce_finalize_kernel[grid](
-            weight, r_blk, l_blk, w_blk, z_lab, acc, ref, s_run, m_max, err,
-            dh, lse, loss_c[t0:t0 + tb], correct.view(torch.int8),
-            tb, H, sc, weight.stride(0), weight.stride(1),
-            dh.stride(0) if need_dh else 0, dh.stride(1) if need_dh else 0,
-            BLOCK_M=cfg.finalize_m, BLOCK_H=cfg.finalize_h, SOFTCAP=sc > 0,
-            NEED_DH=need_dh, RETURN_CORRECT=return_correct, num_warps=4,
-        )
+        _finalize(weight, (r_blk, l_blk, w_blk), z_lab, acc, (ref, s_run, m_max), err, dh, lse, loss_c[t0:t0 + tb],
+                  correct, sc, cfg, need_dh, return_correct)
     return loss_c.sum()
 
 
@@ -741,7 +752,6 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
     m_run = _empty((2, Tb), f32, dev)
     s_run = _empty((2, Tb), f32, dev)
     loss_c = _empty((Tc,), f32, dev)
-    correct_i8 = correct.view(torch.int8)
     sc = float(softcap)
     common = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -771,15 +781,8 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
         last = (n_chunks - 1) % 2
         m_fin = m_run.view(-1)[last * tb:(last + 1) * tb]  # the kernels index [2, tb], not [2, Tb]
         s_fin = s_run.view(-1)[last * tb:(last + 1) * tb]
-        grid = (triton.cdiv(tb, cfg.finalize_m), triton.cdiv(H, cfg.finalize_h) if need_dh else 1)
-        _ce_finalize_kernel[grid](
-            weight, r_blk, l_blk, w_blk, z_lab, acc, m_fin, s_fin, m_fin, err,
-            dh, lse, loss_c[t0:t0 + tb], correct_i8,
-            tb, H, sc, weight.stride(0), weight.stride(1),
-            dh.stride(0) if need_dh else 0, dh.stride(1) if need_dh else 0,
-            BLOCK_M=cfg.finalize_m, BLOCK_H=cfg.finalize_h, SOFTCAP=sc > 0,
-            NEED_DH=need_dh, RETURN_CORRECT=return_correct, num_warps=4,
-        )
+        _finalize(weight, (r_blk, l_blk, w_blk), z_lab, acc, (m_fin, s_fin, m_fin), err, dh, lse, loss_c[t0:t0 + tb],
+                  correct, sc, cfg, need_dh, return_correct)
     return loss_c.sum(), den, lse, correct, dh
 
 
