@@ -437,8 +437,13 @@ def _ce_rows_kernel(
         s_run = tl.load(srun_ptr + o_r, mask=m_r, other=0.0)
         m_max = tl.load(mmax_ptr + o_r, mask=m_r, other=0.0)
     lab = tl.load(lab_ptr + o_r, mask=m_r, other=-1)
-    zl = tl.zeros((BLOCK_R,), tl.float32)
+    in_chunk = m_r & (lab >= v0) & (lab < v0 + width)
+    # the label's logit: one gather per row, before P overwrites the chunk
+    zl = tl.load(s_ptr + o_r64 * stride_s + (lab - v0), mask=in_chunk, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        zl = softcap * _tanh(zl / softcap)
     p_rows = s_ptr + o_r64[:, None] * stride_s  # [BLOCK_R, 1]
+    s_vec = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)  # per-lane sums: one cross-warp reduction per row, at the end
     if PREFETCH:
         z_next = tl.load(p_rows + o_c[None, :], mask=m_r[:, None] & (o_c < width)[None, :], other=float("-inf"))
     for c0 in range(0, width, BLOCK_C):
@@ -452,10 +457,8 @@ def _ce_rows_kernel(
             z = tl.load(p_rows + (c0 + o_c)[None, :], mask=m, other=float("-inf")).to(tl.float32)
         if SOFTCAP:
             z = tl.where(m, softcap * _tanh(z / softcap), float("-inf"))  # tanh(-inf) = -1: re-mask padding
-        t_max = tl.max(z, axis=1)
+        t_max = tl.max(z, axis=1)  # the tile's one cross-warp reduction
         m_max = tl.maximum(m_max, t_max)
-        hit = (v0 + c0 + o_c)[None, :] == lab[:, None]
-        zl += tl.sum(tl.where(hit, z, 0.0), axis=1)
         move = (t_max > r + TAU) & m_r
         if tl.sum(move.to(tl.int32), axis=0) > 0:
             # a logit far above the reference (always on the first tile of the first chunk): the
@@ -463,21 +466,21 @@ def _ce_rows_kernel(
             alpha = tl.where(move, tl.exp(tl.minimum(r - t_max, 0.0)), 1.0)  # 0 from r = -inf
             r = tl.where(move, t_max, r)
             s_run = s_run * alpha
+            s_vec = s_vec * alpha[:, None]
             if WRITE_P:
                 _rescale_row_span(s_ptr, stride_s, o_r64, move, alpha, c0, BLOCK_C, True)
                 if first == 0:
                     _rescale_row_span(acc_ptr, H, o_r64, move, alpha, H, BLOCK_C, False)
         e = tl.exp(z - r[:, None])  # 0 past width; <= e^TAU
-        s_run += tl.sum(e, axis=1)
+        s_vec += e
         if WRITE_P:
             if SOFTCAP:
                 zc = tl.where(m, z / softcap, 0.0)
                 e = e * (1.0 - zc * zc)
             tl.store(p_rows + (c0 + o_c)[None, :], e.to(s_ptr.dtype.element_ty), mask=m)
-    in_chunk = m_r & (lab >= v0) & (lab < v0 + width)
     tl.store(zl_ptr + o_r, zl, mask=in_chunk)
     tl.store(ref_ptr + o_r, r, mask=m_r)
-    tl.store(srun_ptr + o_r, s_run, mask=m_r)
+    tl.store(srun_ptr + o_r, s_run + tl.sum(s_vec, axis=1), mask=m_r)
     tl.store(mmax_ptr + o_r, m_max, mask=m_r)
 
 
