@@ -173,7 +173,7 @@ CONFIGS = {
     "fused": ce_triton.CEConfig(schedule="fused"),
     "fused_b40": ce_triton.CEConfig(schedule="fused", budget=40 << 20),
     **{f"split_r{m}x{c}w{w}": ce_triton.CEConfig(rows_m=m, rows_block=c, rows_warps=w)
-       for m, c, w in [(2, 1024, 4), (2, 2048, 8), (1, 4096, 8)]},
+       for m, c, w in [(2, 1024, 4), (2, 2048, 8), (1, 4096, 8), (1, 2048, 2), (1, 2048, 1), (2, 1024, 2), (1, 1024, 1)]},
     "split_b40": ce_triton.CEConfig(budget=40 << 20),
     "split_share35": ce_triton.CEConfig(rows_share=0.35),
 }
@@ -202,13 +202,13 @@ def profile(T, H, V, frac):
         print(f"  {t:8.3f} ms  x{n:<4d} {k}")
 
 
-def split_floor(T, H, V, frac, cfg):
+def split_floor(T, H, V, frac, cfg, plan=None):
     """The split schedule's cuBLAS calls alone (same plan, no row pass): what its matmuls cost."""
     h, W, _, mask, _ = make(T, H, V, frac, seed=1)
     rows = torch.nonzero(mask).flatten()
     Tc = rows.numel()
     gather = Tc != T
-    Tb, Vc = ce_triton._plan_split(Tc, H, V, 2, cfg, True, gather)
+    Tb, Vc = plan or ce_triton._plan_split(Tc, H, V, 2, cfg, True, gather)
     s_buf = torch.empty(Tb * Vc, device=DEV, dtype=h.dtype)
     acc = torch.empty(Tb, H, device=DEV)
     h_buf = torch.empty(Tb, H, device=DEV, dtype=h.dtype)
@@ -237,7 +237,9 @@ if __name__ == "__main__":
     ap.add_argument("--shapes", default="key", help="'key': T=3584 H=2560 V=151936; 'all': the benchmark grid")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU times of ours for each swept config")
-    ap.add_argument("--budget-mib", type=int, default=0, help="override CEConfig.budget (acc + 2 P chunk buffers)")
+    ap.add_argument("--split-plans", default="", help="forced split plans 'TbxVc,...' timed at the key shape (100%%), "
+                    "e.g. '1792x8000,1280x13312,1920x7424' (peak MiB shows whether one fits the 64 MiB)")
+    ap.add_argument("--budget-mib", type=int, default=0, help="override CEConfig.budget (the chunk buffers of either schedule)")
     ap.add_argument("--extra", default="", help="more shapes for ours + torch.compile only, e.g. '8192x4096x262144'")
     ARGS = ap.parse_args()
     if ARGS.budget_mib:
@@ -276,6 +278,19 @@ if __name__ == "__main__":
             profile(3584, 2560, 151936, 1.0)
         if "ours" in r and (best is None or r["ours"][0] < best[1]):
             best = (cname, r["ours"][0])
+    for spec in filter(None, ARGS.split_plans.split(",")):
+        # forced (Tb, Vc) plans of the split schedule at the key shape, 100% supervised
+        Tb, Vc = map(int, spec.split("x"))
+        CFG_NAME = f"plan {spec}"
+        cfg = CONFIGS[best[0]] if best is not None else ce_triton.CEConfig()
+        ce_triton._config = lambda dev, dot_dtype, c=cfg: c
+        orig_plan = ce_triton._plan_split
+        ce_triton._plan_split = lambda Tc, H, V, itemsize, cfg, need_dh, gather, p=(Tb, Vc): (min(Tc, p[0]), min(V, p[1]))
+        try:
+            time_shape(3584, 2560, 151936, 1.0, ("ours",))
+            split_floor(3584, 2560, 151936, 1.0, cfg, plan=(Tb, Vc))
+        finally:
+            ce_triton._plan_split = orig_plan
     if best is not None:
         CFG_NAME = best[0]
         ce_triton._config = lambda dev, dot_dtype, c=CONFIGS[best[0]]: c
