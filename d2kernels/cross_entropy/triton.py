@@ -44,6 +44,7 @@ recomputes ``lse`` from the very calls it then repeats. No float atomics: determ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -667,20 +668,27 @@ def _finalize(weight, blk, z_lab, acc, run, err, dh, lse, loss, correct, softcap
     )
 
 
-def _rows_pass(s: torch.Tensor, labels: torch.Tensor, acc: torch.Tensor, stats: torch.Tensor, v0: int,
-               cfg: CEConfig, softcap: float, write_p: bool) -> None:
+def _rows_block(cfg: CEConfig, width: int) -> int:
+    """Columns per step of the split schedule's row passes (``rows_block`` 0: the whole chunk row)."""
+    return cfg.rows_block or triton.next_power_of_2(width)
+
+
+def _rows_pass(s: torch.Tensor, labels: torch.Tensor, acc: Optional[torch.Tensor], stats: torch.Tensor, v0: int,
+               cfg: CEConfig, softcap: float) -> None:
     """``_ce_rows_kernel`` over the logits chunk ``s [tb, width]`` (columns ``v0..``); ``stats [4, >= tb]``
-    f32 = reference, running sum, running max, label logit per row (started at ``v0 == 0``)."""
+    f32 = reference, running sum, running max, label logit per row (started at ``v0 == 0``). With an
+    ``acc [>= tb, H]`` the chunk becomes P in place (and acc rows are rescaled when needed); without,
+    only the stats are kept."""
     tb, width = s.shape
     _ce_rows_kernel[(triton.cdiv(tb, cfg.rows_m),)](
-        s, labels, acc, stats[0], stats[2], stats[1], stats[3],
-        tb, acc.shape[-1], v0, width, s.stride(0), softcap, int(v0 == 0),
-        BLOCK_R=cfg.rows_m, BLOCK_C=cfg.rows_block or triton.next_power_of_2(width), SOFTCAP=softcap > 0,
-        TAU=_tau(s.dtype), WRITE_P=write_p, PREFETCH=cfg.rows_prefetch, num_warps=cfg.rows_warps,
+        s, labels, s if acc is None else acc, stats[0], stats[2], stats[1], stats[3],
+        tb, 1 if acc is None else acc.shape[-1], v0, width, s.stride(0), softcap, int(v0 == 0),
+        BLOCK_R=cfg.rows_m, BLOCK_C=_rows_block(cfg, width), SOFTCAP=softcap > 0,
+        TAU=_tau(s.dtype), WRITE_P=acc is not None, PREFETCH=cfg.rows_prefetch, num_warps=cfg.rows_warps,
     )
 
 
-def _forward_split(hidden, weight, rows, lab_c, tw_c, cfg: CEConfig, softcap: float, return_correct: bool,
+def _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg: CEConfig, softcap: float, return_correct: bool,
                    need_dh: bool, lse, correct, dh) -> torch.Tensor:
     """The split schedule (16-bit ``hidden`` and ``weight`` of one dtype); fills ``lse``, ``correct``, ``dh``
     and returns ``num``. Per T-block and vocabulary chunk: ``S = h @ W[chunk]^T`` (cuBLAS, in the
@@ -702,7 +710,6 @@ def _forward_split(hidden, weight, rows, lab_c, tw_c, cfg: CEConfig, softcap: fl
     loss_c = _empty((Tc,), f32, dev)
     err = torch.zeros(1, dtype=torch.int32, device=dev)
     sc = float(softcap)
-    rows32 = rows.to(torch.int32)
     for t0 in range(0, Tc, Tb):
         tb = min(Tb, Tc - t0)
         r_blk, l_blk, w_blk = rows32[t0:t0 + tb], lab_c[t0:t0 + tb], tw_c[t0:t0 + tb]
@@ -712,7 +719,7 @@ def _forward_split(hidden, weight, rows, lab_c, tw_c, cfg: CEConfig, softcap: fl
             s = s_buf[:tb * width].view(tb, width)  # contiguous for cuBLAS, also the last chunk
             w_chunk = weight[v0:v0 + width]
             torch.mm(h_blk, w_chunk.t(), out=s)
-            _rows_pass(s, l_blk, acc, stats, v0, cfg, sc, need_dh)
+            _rows_pass(s, l_blk, acc if need_dh else None, stats, v0, cfg, sc)
             if need_dh:
                 _mm_f32(acc[:tb], s, w_chunk, accumulate=v0 > 0)
         _finalize(weight, (r_blk, l_blk, w_blk), z_lab, acc, (ref, s_run, m_max), err, dh, lse, loss_c[t0:t0 + tb],
@@ -741,7 +748,8 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
     dot_dtype = _dot_dtype(hidden, weight)
     cfg = _config(dev, dot_dtype)
     if cfg.schedule == "split" and hidden.dtype == weight.dtype != torch.float32:
-        num = _forward_split(hidden, weight, rows, lab_c, tw_c, cfg, softcap, return_correct, need_dh, lse, correct, dh)
+        num = _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg, softcap, return_correct, need_dh,
+                             lse, correct, dh)
         return num, den, lse, correct, dh
     p_dtype = weight.dtype  # P meets W in the second matmul
     Tb, Vc = _plan(Tc, H, V, p_dtype.itemsize, cfg, need_dh)
@@ -834,7 +842,7 @@ def _dweight(grad_num, hidden, weight, labels, token_weights, lse, softcap: floa
         for v0 in range(0, V, Vc):
             d = d_buf[:Tc * min(Vc, V - v0)].view(Tc, -1)
             torch.mm(h_c, weight[v0:v0 + d.shape[1]].t(), out=d)
-            _rows_pass(d, lab_c, h_c, stats, v0, cfg, sc, False)
+            _rows_pass(d, lab_c, None, stats, v0, cfg, sc)
         lse_c = stats[0] + torch.log(stats[1])
     for v0 in range(0, V, Vc):
         width = min(Vc, V - v0)
@@ -843,7 +851,7 @@ def _dweight(grad_num, hidden, weight, labels, token_weights, lse, softcap: floa
             torch.mm(h_c, weight[v0:v0 + width].t(), out=d)
             _ce_dlogits_rows_kernel[(triton.cdiv(Tc, cfg.rows_m),)](
                 d, lab_c, tw_c, lse_c, g, Tc, v0, width, d.stride(0), sc,
-                BLOCK_R=cfg.rows_m, BLOCK_C=cfg.rows_block or 1024, SOFTCAP=sc > 0, num_warps=cfg.rows_warps,
+                BLOCK_R=cfg.rows_m, BLOCK_C=_rows_block(cfg, width), SOFTCAP=sc > 0, num_warps=cfg.rows_warps,
             )
         else:
             grid = (triton.cdiv(Tc, cfg.block_m), triton.cdiv(width, bn))
