@@ -75,23 +75,41 @@ def validation(mode: str):
         set_validation(prev)
 
 
+def range_violations(name: str, t: torch.Tensor, low: int, high: int, where: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The deferred half of ``check_range``: a 0-dim count of (selected) values outside ``[low, high)``
+    for the caller to read together with its other host values (one sync), then hand to
+    ``raise_range_error`` if non-zero. None when nothing is to be read: validation off, or "async"
+    on CUDA (a device-side assert is queued instead)."""
+    if t.numel() == 0 or _validation == "off":
+        return None
+    bad = (t < low) | (t >= high)
+    if where is not None:
+        bad = bad & where
+    if t.device.type == "cuda" and _validation == "async":
+        torch._assert_async(~bad.any(), f"{name} out of range [{low}, {high})")
+        return None
+    return bad.sum()
+
+
+def raise_range_error(name: str, t: torch.Tensor, low: int, high: int, where: torch.Tensor | None = None) -> None:
+    """The ValueError of a failed range check, naming the count and a few bad values."""
+    bad = (t < low) | (t >= high)
+    if where is not None:
+        bad = bad & where
+    vals = t[bad]
+    raise ValueError(f"{name} out of range [{low}, {high}): {vals.numel()} bad value(s), e.g. {vals[:4].tolist()}")
+
+
 def check_range(name: str, t: torch.Tensor, low: int, high: int, where: torch.Tensor | None = None) -> None:
     """Check that every (selected) value lies in ``[low, high)`` (see ``set_validation``).
 
     Skipped while ``torch.compile`` traces, where a data-dependent branch would break the graph.
     """
-    if t.numel() == 0 or _validation == "off" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return
-    bad = (t < low) | (t >= high)
-    if where is not None:
-        bad = bad & where
-    msg = f"{name} out of range [{low}, {high})"
-    if t.device.type == "cuda" and _validation == "async":
-        torch._assert_async(~bad.any(), msg)
-        return
-    if bool(bad.any()):
-        vals = t[bad]
-        raise ValueError(f"{msg}: {int(bad.sum())} bad value(s), e.g. {vals[:4].tolist()}")
+    n_bad = range_violations(name, t, low, high, where)
+    if n_bad is not None and int(n_bad):
+        raise_range_error(name, t, low, high, where)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -292,6 +292,21 @@ def test_rejects_float64_and_bad_labels():
         decayed_cross_entropy(h, W, bad, mask, off, gamma=4.0, backend="triton")
 
 
+def test_unsupervised_labels_are_never_read():
+    """Padding labels (-100, >= V) on unsupervised tokens pass the in-op check and change nothing."""
+    h, W, labels, mask, off = make_case((40,), 64, 257, torch.float32, frac=0.5, seed=5)
+    assert mask.any() and not mask.all()
+    pad = labels.clone()
+    pad[~mask] = torch.where(torch.arange(40, device=DEV)[~mask] % 2 == 0, -100, 257 + 7)
+    a = decayed_cross_entropy(h, W, labels, mask, off, gamma=4.0, backend="triton")
+    b = decayed_cross_entropy(h, W, pad, mask, off, gamma=4.0, backend="triton")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    bad = pad.clone()
+    bad[mask.nonzero()[0, 0]] = 257
+    with pytest.raises(ValueError, match=r"labels out of range \[0, 257\): 1 bad value\(s\), e.g. \[257\]"):
+        decayed_cross_entropy(h, W, bad, mask, off, gamma=4.0, backend="triton")
+
+
 @GPU
 @pytest.mark.parametrize("V", [151936, 262144])
 @pytest.mark.parametrize("softcap", [None, 30.0], ids=lambda s: f"sc{s or 0:g}")

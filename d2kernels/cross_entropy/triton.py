@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import raise_range_error, range_violations
+
 __all__ = ["decayed_ce_fwd", "decayed_ce_fwd_with_grad", "decayed_ce_bwd", "CEConfig"]
 
 _MiB = 1 << 20
@@ -689,7 +691,7 @@ def _rows_pass(s: torch.Tensor, labels: torch.Tensor, acc: Optional[torch.Tensor
 
 
 def _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg: CEConfig, softcap: float, return_correct: bool,
-                   need_dh: bool, lse, correct, dh) -> torch.Tensor:
+                   need_dh: bool, lse, correct, dh, err) -> torch.Tensor:
     """The split schedule (16-bit ``hidden`` and ``weight`` of one dtype); fills ``lse``, ``correct``, ``dh``
     and returns ``num``. Per T-block and vocabulary chunk: ``S = h @ W[chunk]^T`` (cuBLAS, in the
     inputs' dtype, the precision of a plain torch lm_head), ``_ce_rows_kernel`` (stats, and ``S``
@@ -708,7 +710,6 @@ def _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg: CEConfig, sof
     stats = _empty((4, Tb), f32, dev)
     ref, s_run, m_max, z_lab = stats
     loss_c = _empty((Tc,), f32, dev)
-    err = torch.zeros(1, dtype=torch.int32, device=dev)
     sc = float(softcap)
     for t0 in range(0, Tc, Tb):
         tb = min(Tb, Tc - t0)
@@ -727,6 +728,24 @@ def _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg: CEConfig, sof
     return loss_c.sum()
 
 
+def _supervised(labels: torch.Tensor, tw: torch.Tensor, V: int):
+    """The supervised rows (``tw > 0``) in order -> ``Tc``, ``rows [Tc]`` int64, ``rows32``, their labels
+    (int32) and weights (f32), after ONE host sync that also validates their labels (``set_validation``).
+    Every launch is queued before the sync and none after it, so after the round trip the GPU waits on
+    the host only for the first matmul's launch (a stable sort compacts without knowing ``Tc``)."""
+    sup = tw > 0
+    order = torch.argsort(torch.logical_not(sup).to(torch.uint8), stable=True)  # supervised first, in order
+    order32 = order.to(torch.int32)
+    lab_o = labels[order].to(torch.int32)
+    tw_o = tw[order]
+    n_bad = range_violations("labels", labels, 0, V, where=sup)
+    host = torch.stack([sup.sum()] + ([] if n_bad is None else [n_bad])).tolist()
+    if len(host) > 1 and host[1]:
+        raise_range_error("labels", labels, 0, V, where=sup)
+    Tc = host[0]
+    return Tc, order[:Tc], order32[:Tc], lab_o[:Tc], tw_o[:Tc]
+
+
 def _forward(hidden, weight, labels, token_weights, softcap: float, return_correct: bool, need_dh: bool):
     _check_inputs(hidden, weight)
     dev = hidden.device
@@ -738,18 +757,15 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
     lse = torch.zeros(T, dtype=f32, device=dev)
     correct = torch.zeros(T if return_correct else 0, dtype=torch.bool, device=dev)
     dh = torch.zeros_like(hidden) if need_dh else hidden.new_empty((0,))
-    rows = torch.nonzero(tw > 0).flatten()  # the one host sync: Tc sizes every grid below
-    Tc = rows.numel()
+    err = torch.zeros(1, dtype=torch.int32, device=dev)
+    Tc, rows, rows32, lab_c, tw_c = _supervised(labels, tw, V)  # the one host sync: Tc sizes every grid below
     if Tc == 0:
         return torch.zeros((), dtype=f32, device=dev), den, lse, correct, dh
-    rows32 = rows.to(torch.int32)
-    lab_c = labels[rows].to(torch.int32)
-    tw_c = tw[rows].contiguous()
     dot_dtype = _dot_dtype(hidden, weight)
     cfg = _config(dev, dot_dtype)
     if cfg.schedule == "split" and hidden.dtype == weight.dtype != torch.float32:
         num = _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg, softcap, return_correct, need_dh,
-                             lse, correct, dh)
+                             lse, correct, dh, err)
         return num, den, lse, correct, dh
     p_dtype = weight.dtype  # P meets W in the second matmul
     Tb, Vc = _plan(Tc, H, V, p_dtype.itemsize, cfg, need_dh)
@@ -771,7 +787,6 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
     even_k = H % cfg.block_k == 0
     n_th = triton.cdiv(H, cfg.block_h) if need_dh else 1
     sync = torch.zeros(1 + 2 * n_chunks * triton.cdiv(Tb, cfg.block_m), dtype=torch.int32, device=dev)
-    err = torch.zeros(1, dtype=torch.int32, device=dev)
     for t0 in range(0, Tc, Tb):
         tb = min(Tb, Tc - t0)
         r_blk, l_blk, w_blk = rows32[t0:t0 + tb], lab_c[t0:t0 + tb], tw_c[t0:t0 + tb]
@@ -814,15 +829,11 @@ def _dweight(grad_num, hidden, weight, labels, token_weights, lse, softcap: floa
     T, H = hidden.shape
     V = weight.shape[0]
     tw = token_weights.to(torch.float32)
-    rows = torch.nonzero(tw > 0).flatten()  # host sync for the count, as in the forward
-    Tc = rows.numel()
+    Tc, rows, rows32, lab_c, tw_c = _supervised(labels, tw, V)  # host sync for the count, as in the forward
     if Tc == 0:
         return torch.zeros_like(weight)
     dot_dtype = _dot_dtype(hidden, weight)
     cfg = _config(dev, dot_dtype)
-    rows32 = rows.to(torch.int32)
-    lab_c = labels[rows].to(torch.int32)
-    tw_c = tw[rows].contiguous()
     h_c = hidden[rows].to(dot_dtype)  # [Tc, H]: the K operand of dW = D^T @ h
     bn = cfg.block_n
     Vc = max(bn, cfg.budget // 2 // (Tc * dot_dtype.itemsize) // bn * bn)

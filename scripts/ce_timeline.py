@@ -1,0 +1,105 @@
+"""Where the split schedule's wall time goes: GPU kernel timeline gaps, host enqueue time, and the same
+chunk loop replayed from a CUDA graph (no host launch cost at all).
+
+    PYTHONPATH=. python3 scripts/ce_timeline.py [--frac 1.0] [--configs default,split_r1x2048w2]
+Prints per config: wall (do_bench), host enqueue ms of one call, kernel busy / span / gap totals of
+one profiled call with its largest gaps, and the graph-replayed forward.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, os.getcwd())
+import d2kernels.cross_entropy.triton as ce  # noqa: E402
+from d2kernels.cross_entropy import decayed_cross_entropy  # noqa: E402
+from d2kernels.layout import decay_weights  # noqa: E402
+
+
+def make(T, H, V, frac, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    h = torch.randn(T, H, device="cuda", generator=g).bfloat16().requires_grad_(True)
+    W = (torch.randn(V, H, device="cuda", generator=g) * 0.02).bfloat16()
+    labels = torch.randint(0, V, (T,), device="cuda", generator=g)
+    off = torch.arange(T, device="cuda") % 7
+    mask = torch.rand(T, device="cuda", generator=g) < frac
+    return h, W, labels, mask, off
+
+
+def timeline(fn):
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ev = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, gaps, end = 0.0, [], ev[0][0]
+    for s, e, n in ev:
+        if s > end:
+            gaps.append((s - end, n))
+        busy += max(0.0, e - max(s, end))
+        end = max(end, e)
+    return (end - ev[0][0]) / 1e3, busy / 1e3, gaps
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--frac", type=float, default=1.0)
+    ap.add_argument("--configs", default="default")
+    ap.add_argument("--shape", default="3584x2560x151936")
+    a = ap.parse_args()
+    T, H, V = map(int, a.shape.split("x"))
+    h, W, labels, mask, off = make(T, H, V, a.frac)
+    base = ce._config
+    for name in a.configs.split(","):
+        changes = {} if name == "default" else dict(kv.split("=") for kv in name.split(":"))
+        cfg = dataclasses.replace(ce.CEConfig(), **{k: type(getattr(ce.CEConfig, k))(v) for k, v in changes.items()})
+        ce._config = lambda dev, dt, c=cfg: c
+
+        def fn():
+            num, den = decayed_cross_entropy(h, W, labels, mask, off, gamma=4.0, backend="triton")
+            (num / (den + 1e-6)).backward()
+
+        fn()
+        wall = do_bench(fn, warmup=30, rep=200, return_mode="median")
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        span, busy, gaps = timeline(fn)
+        big = sorted(gaps, reverse=True)[:6]
+        # the chunk loop alone, eager vs one CUDA graph replay
+        w = decay_weights(mask, off, 4.0).float()
+        rows = torch.nonzero(w > 0).flatten()
+        args = (h.detach(), W, rows, rows.int(), labels[rows].int(), w[rows].contiguous(), cfg, 0.0, False, True)
+        outs = (torch.zeros(T, device="cuda"), torch.zeros(0, dtype=torch.bool, device="cuda"), torch.zeros_like(h))
+        loop = lambda: ce._forward_split(*args, *outs)  # noqa: E731
+        loop()
+        eager_loop = do_bench(loop, warmup=20, rep=200, return_mode="median")
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            loop()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            loop()
+        graph_loop = do_bench(g.replay, warmup=20, rep=200, return_mode="median")
+        print(f"{name}: wall {wall:.3f} ms | host enqueue {(t1 - t0) / 5 * 1e3:.3f} ms/call (drain {(t2 - t1) * 1e3:.1f} ms) | "
+              f"profiled span {span:.3f} busy {busy:.3f} gaps {sum(g for g, _ in gaps) / 1e3:.3f} ms in {len(gaps)} | "
+              f"chunk loop eager {eager_loop:.3f} graph {graph_loop:.3f} ms", flush=True)
+        print("   largest gaps (us, next kernel):", [(round(g, 1), n[:40]) for g, n in big], flush=True)
+    ce._config = base
+
+
+if __name__ == "__main__":
+    main()
