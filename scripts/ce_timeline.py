@@ -81,7 +81,8 @@ def main():
         w = decay_weights(mask, off, 4.0).float()
         rows = torch.nonzero(w > 0).flatten()
         args = (h.detach(), W, rows, rows.int(), labels[rows].int(), w[rows].contiguous(), cfg, 0.0, False, True)
-        outs = (torch.zeros(T, device="cuda"), torch.zeros(0, dtype=torch.bool, device="cuda"), torch.zeros_like(h))
+        outs = (torch.zeros(T, device="cuda"), torch.zeros(0, dtype=torch.bool, device="cuda"), torch.zeros_like(h),
+                torch.zeros(1, dtype=torch.int32, device="cuda"))
         loop = lambda: ce._forward_split(*args, *outs)  # noqa: E731
         loop()
         eager_loop = do_bench(loop, warmup=20, rep=200, return_mode="median")
