@@ -221,6 +221,51 @@ def split_floor(T, H, V, frac, cfg):
     print("time", json.dumps(row), flush=True)
 
 
+def gemm_sweep(T, H, V, budget_mib=45):
+    """The split schedule's two cuBLAS calls alone, per T-block height ``Tb`` (the chunk width filling
+    the budget): TFLOP/s of ``S = h @ W_c^T`` and of ``acc += P @ W_c`` (f32 out). ``acc``'s output
+    tiles are only ``Tb x H``, so its wave fill depends on Tb."""
+    f32, bf = torch.float32, torch.bfloat16
+    for Tb in (768, 1024, 1152, 1280, 1408, 1536, 1664, 1792, 1920, 2048, 2304):
+        Vc = min(V, ((budget_mib << 20) - Tb * H * 4) // (Tb * 2) // 64 * 64)
+        if Vc < 1024:
+            continue
+        h = torch.randn(Tb, H, device=DEV, dtype=bf)
+        w = torch.randn(Vc, H, device=DEV, dtype=bf) * 0.02
+        s = torch.empty(Tb, Vc, device=DEV, dtype=bf)
+        acc = torch.zeros(Tb, H, device=DEV, dtype=f32)
+        t1 = bench(lambda: torch.mm(h, w.t(), out=s))
+        p = torch.rand(Tb, Vc, device=DEV).to(bf)
+        t2 = bench(lambda: torch.addmm(acc, p, w, out_dtype=f32, out=acc))
+        fl = 2.0 * Tb * Vc * H
+        n = triton.cdiv(T, Tb) * triton.cdiv(V, Vc)
+        print(f"gemm Tb={Tb:5d} Vc={Vc:6d}: mm1 {t1 * 1e3:7.1f} us {fl / t1 / 1e9:5.0f} TF/s | mm2 {t2 * 1e3:7.1f} us "
+              f"{fl / t2 / 1e9:5.0f} TF/s | x{n} chunks at T={T}: {n * (t1 + t2):.3f} ms", flush=True)
+        del h, w, s, acc, p
+    torch.cuda.empty_cache()
+
+
+def duel(T, H, V, frac, rounds):
+    """ours vs torch.compile, alternating ``rounds`` times in one process (clock and heat drift hit both)."""
+    h, W, labels, mask, off = make(T, H, V, frac, seed=1)
+    h.requires_grad_(True)
+    prov = providers(h, W, labels, mask, off)
+    fns = {k: prov[k] for k in ("ours", "torch_compile") if k in prov}
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(bench(fn))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    ratio = med.get("torch_compile", float("nan")) / med["ours"]
+    print(f"duel T={T} H={H} V={V} sup={frac:.0%}: " + " | ".join(f"{k} {' '.join(f'{t:.3f}' for t in v)}" for k, v in times.items())
+          + f" | medians ours {med['ours']:.3f} compile {med.get('torch_compile', float('nan')):.3f} -> {ratio:.3f}x", flush=True)
+    RESULTS.setdefault("duel", []).append({"T": T, "H": H, "V": V, "sup": frac, "times": times, "ratio": ratio})
+    h.grad = None
+    torch.cuda.empty_cache()
+
+
 CFG_NAME = "default"
 
 if __name__ == "__main__":
@@ -234,6 +279,9 @@ if __name__ == "__main__":
                     "e.g. '1792x8000,1280x13312,1920x7424' (peak MiB shows whether one fits the 64 MiB)")
     ap.add_argument("--budget-mib", type=int, default=0, help="override CEConfig.budget (the chunk buffers of either schedule)")
     ap.add_argument("--extra", default="", help="more shapes for ours + torch.compile only, e.g. '8192x4096x262144'")
+    ap.add_argument("--gemm-sweep", action="store_true", help="the split schedule's cuBLAS calls per T-block height, then exit")
+    ap.add_argument("--duel", type=int, default=0, help="N rounds of ours vs torch.compile alternating (key shape, "
+                    "plus --extra shapes), then exit")
     ARGS = ap.parse_args()
     if ARGS.budget_mib:
         for c in CONFIGS.values():
@@ -242,6 +290,18 @@ if __name__ == "__main__":
     RESULTS["env"] = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name()}
     print(RESULTS["env"], flush=True)
     torch.manual_seed(0)
+    if ARGS.gemm_sweep:
+        gemm_sweep(3584, 2560, 151936)
+        gemm_sweep(8192, 4096, 262144)
+        sys.exit(0)
+    if ARGS.duel:
+        if ARGS.configs != "default":  # one named config
+            ce_triton._config = lambda dev, dot_dtype, c=CONFIGS[ARGS.configs]: c
+        for (T, H, V) in [(3584, 2560, 151936)] + [tuple(map(int, e.split("x"))) for e in filter(None, ARGS.extra.split(","))]:
+            for frac in (1.0, 0.5):
+                duel(T, H, V, frac, ARGS.duel)
+        json.dump(RESULTS, open(os.path.join(OUT, "gpu_cross_entropy_duel.json"), "w"), indent=1)
+        sys.exit(0)
 
     def checks():
         if ARGS.no_check:
