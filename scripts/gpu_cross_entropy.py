@@ -176,6 +176,8 @@ CONFIGS = {
        for m, c, w in [(2, 1024, 4), (2, 2048, 8), (1, 4096, 8), (1, 2048, 2), (1, 2048, 1), (2, 1024, 2), (1, 1024, 1)]},
     "split_b40": ce_triton.CEConfig(budget=40 << 20),
     "split_share35": ce_triton.CEConfig(rows_share=0.35),
+    "split_share50": ce_triton.CEConfig(rows_share=0.5),
+    "split_rev": ce_triton.CEConfig(rows_reverse=True),
 }
 
 

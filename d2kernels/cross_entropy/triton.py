@@ -83,6 +83,7 @@ class CEConfig:
     rows_block: int = 2048  # columns per step of the row pass (0: the whole chunk row in one step)
     rows_warps: int = 4
     rows_prefetch: bool = True  # the next column tile's load in flight during this one's math
+    rows_reverse: bool = False  # row pass from the last row up (the logits the matmul wrote last may sit in L2)
     rows_share: float = 0.35  # split: at most this share of the budget for the per-row buffers (acc, h);
     # 0.35 (T=3584: 3 T-blocks of 1280, chunks of 13312) and 0.5 (2 x 1792, 8000) time the same on the H200
 
@@ -415,7 +416,7 @@ def _ce_rows_kernel(
     s_ptr, lab_ptr, acc_ptr, ref_ptr, mmax_ptr, srun_ptr, zl_ptr,
     tb, H, v0, width, stride_s, softcap, first,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SOFTCAP: tl.constexpr, TAU: tl.constexpr,
-    WRITE_P: tl.constexpr, PREFETCH: tl.constexpr,
+    WRITE_P: tl.constexpr, PREFETCH: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """Split schedule, ``BLOCK_R`` supervised rows per program, one pass over the logits chunk
     ``S[rows, :width]`` (columns ``v0..``, raw, before softcap): fold it into the rows' running stats
@@ -427,7 +428,10 @@ def _ce_rows_kernel(
     rescaled here, before the next ``acc += P @ W[chunk]``. ``mmax`` = the exact running max (for
     ``correct``); ``zl`` = the label's logit when the label lies in this chunk.
     """
-    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pid = tl.program_id(0)
+    if REVERSE:  # programs start in id order: the first ones take the rows the matmul wrote last
+        pid = tl.num_programs(0) - 1 - pid
+    o_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     m_r = o_r < tb
     o_r64 = o_r.to(tl.int64)
     o_c = tl.arange(0, BLOCK_C)
@@ -686,7 +690,8 @@ def _rows_pass(s: torch.Tensor, labels: torch.Tensor, acc: Optional[torch.Tensor
         s, labels, s if acc is None else acc, stats[0], stats[2], stats[1], stats[3],
         tb, 1 if acc is None else acc.shape[-1], v0, width, s.stride(0), softcap, int(v0 == 0),
         BLOCK_R=cfg.rows_m, BLOCK_C=_rows_block(cfg, width), SOFTCAP=softcap > 0,
-        TAU=_tau(s.dtype), WRITE_P=acc is not None, PREFETCH=cfg.rows_prefetch, num_warps=cfg.rows_warps,
+        TAU=_tau(s.dtype), WRITE_P=acc is not None, PREFETCH=cfg.rows_prefetch, REVERSE=cfg.rows_reverse,
+        num_warps=cfg.rows_warps,
     )
 
 
