@@ -177,6 +177,7 @@ CONFIGS = {
     "split_b40": ce_triton.CEConfig(budget=40 << 20),
     "split_share35": ce_triton.CEConfig(rows_share=0.35),
     "split_share50": ce_triton.CEConfig(rows_share=0.5),
+    "split_share65": ce_triton.CEConfig(rows_share=0.65),
     "split_rev": ce_triton.CEConfig(rows_reverse=True),
 }
 
