@@ -1,7 +1,8 @@
 """Triton kernels and host launchers of ``decayed_cross_entropy`` (fused lm_head + decayed CE).
 
 Only supervised tokens (weight > 0) are visited: they are compacted first (one host sync for
-their count ``Tc``, which sizes the grids). Shapes: ``hidden [T, H]``, ``weight [V, H]``.
+their count ``Tc``, which sizes the grids; their labels are range-checked in the same sync).
+Shapes: ``hidden [T, H]``, ``weight [V, H]``.
 
 Frozen lm_head (the drafter case) costs two matmuls over the supervised tokens, both in the
 forward, and the ``[T, V]`` logits never exist. Two schedules (``CEConfig.schedule``):
@@ -76,7 +77,7 @@ class CEConfig:
     # "split" (16-bit inputs of one dtype; fp32 and mixed inputs always run "fused"): per T-block and
     # vocabulary chunk cuBLAS writes the logits chunk, one Triton row pass folds it into the running
     # stats and turns it into P in place, cuBLAS accumulates P @ W. "fused": both matmuls in the
-    # Triton tile kernel. H200, T=3584 H=2560 V=151936: split 10.5 / 5.6 ms, fused 11.8 / 6.3 ms
+    # Triton tile kernel. H200, T=3584 H=2560 V=151936: split 9.7 / 5.1 ms, fused 11.8 / 6.3 ms
     # (100% / 50% supervised; benchmarks/RESULTS_cross_entropy.md)
     schedule: str = "split"
     rows_m: int = 1  # rows per program of the split schedule's row pass
