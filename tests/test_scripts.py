@@ -32,3 +32,19 @@ def test_kernel_regs_compiles_for_sm90_without_a_gpu():
 def test_kernel_regs_help():
     p = _run("scripts/kernel_regs.py", "--help")
     assert p.returncode == 0 and "--ops" in p.stdout
+
+
+@pytest.mark.parametrize("script,flag", [("scripts/gemm_probe.py", "--cpu-check"), ("scripts/ce_timeline.py", "--frac"),
+                                         ("scripts/gpu_cross_entropy.py", "--duel")])
+def test_gpu_scripts_help(script, flag):
+    """The device-side scripts answer --help on a CPU box (their GPU work starts after parsing)."""
+    p = _run(script, "--help")
+    assert p.returncode == 0 and flag in p.stdout, p.stderr[-2000:]
+
+
+def test_gemm_probe_cpu_check():
+    """The probe's Triton matmuls (pointer loads, TMA persistent, TMA + exp epilogue) match torch in the interpreter."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "scripts/gemm_probe.py", "--cpu-check"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "cpu check ok" in p.stdout, p.stderr[-3000:]
