@@ -75,6 +75,11 @@ def validation(mode: str):
         set_validation(prev)
 
 
+def _out_of_range(t: torch.Tensor, low: int, high: int, where: torch.Tensor | None) -> torch.Tensor:
+    bad = (t < low) | (t >= high)
+    return bad if where is None else bad & where
+
+
 def range_violations(name: str, t: torch.Tensor, low: int, high: int, where: torch.Tensor | None = None) -> torch.Tensor | None:
     """The deferred half of ``check_range``: a 0-dim count of (selected) values outside ``[low, high)``
     for the caller to read together with its other host values (one sync), then hand to
@@ -82,9 +87,7 @@ def range_violations(name: str, t: torch.Tensor, low: int, high: int, where: tor
     on CUDA (a device-side assert is queued instead)."""
     if t.numel() == 0 or _validation == "off":
         return None
-    bad = (t < low) | (t >= high)
-    if where is not None:
-        bad = bad & where
+    bad = _out_of_range(t, low, high, where)
     if t.device.type == "cuda" and _validation == "async":
         torch._assert_async(~bad.any(), f"{name} out of range [{low}, {high})")
         return None
@@ -93,10 +96,7 @@ def range_violations(name: str, t: torch.Tensor, low: int, high: int, where: tor
 
 def raise_range_error(name: str, t: torch.Tensor, low: int, high: int, where: torch.Tensor | None = None) -> None:
     """The ValueError of a failed range check, naming the count and a few bad values."""
-    bad = (t < low) | (t >= high)
-    if where is not None:
-        bad = bad & where
-    vals = t[bad]
+    vals = t[_out_of_range(t, low, high, where)]
     raise ValueError(f"{name} out of range [{low}, {high}): {vals.numel()} bad value(s), e.g. {vals[:4].tolist()}")
 
 

@@ -19,15 +19,8 @@ import d2kernels.cross_entropy.triton as ce  # noqa: E402
 from d2kernels.cross_entropy import decayed_cross_entropy  # noqa: E402
 from d2kernels.layout import decay_weights  # noqa: E402
 
-
-def make(T, H, V, frac, seed=1):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    h = torch.randn(T, H, device="cuda", generator=g).bfloat16().requires_grad_(True)
-    W = (torch.randn(V, H, device="cuda", generator=g) * 0.02).bfloat16()
-    labels = torch.randint(0, V, (T,), device="cuda", generator=g)
-    off = torch.arange(T, device="cuda") % 7
-    mask = torch.rand(T, device="cuda", generator=g) < frac
-    return h, W, labels, mask, off
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_cross_entropy import make  # noqa: E402  (the same random inputs as the benchmark)
 
 
 def timeline(fn):
@@ -55,7 +48,8 @@ def main():
     ap.add_argument("--shape", default="3584x2560x151936")
     a = ap.parse_args()
     T, H, V = map(int, a.shape.split("x"))
-    h, W, labels, mask, off = make(T, H, V, a.frac)
+    h, W, labels, mask, off = make(T, H, V, a.frac, seed=1)
+    h.requires_grad_(True)
     base = ce._config
     for name in a.configs.split(","):
         changes = {} if name == "default" else dict(kv.split("=") for kv in name.split(":"))

@@ -23,16 +23,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.getcwd())
-
-
-@triton.jit
-def _tile_of(t, n_m, n_n, GROUP: tl.constexpr):
-    """Tile ``t`` -> (row tile, column tile), GROUP row tiles sweeping the columns together (L2 reuse of W)."""
-    per_group = GROUP * n_n
-    g = t // per_group
-    first = g * GROUP
-    size = tl.minimum(n_m - first, GROUP)
-    return first + (t % per_group) % size, (t % per_group) // size
+from d2kernels.cross_entropy.triton import _tile_of  # noqa: E402  (grouped tile order, shared with the CE kernel)
 
 
 @triton.jit

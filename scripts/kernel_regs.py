@@ -120,6 +120,11 @@ def ops(names):
                     ce_triton.decayed_ce_fwd_with_grad(h, W, labels, w, CEOptions())
                     ce_triton.decayed_ce_fwd_with_grad(h, W, labels, w, CEOptions(softcap=30.0))
                     ce_triton.decayed_ce_fwd(h, W, labels, w, CEOptions())
+                    # the trainable lm_head's dW pass (its dlogits kernel), at a small T and V
+                    # (its dW matmuls run for real here)
+                    h, W, labels, w = h[:256], W[:4096], labels[:256], w[:256]
+                    for sc in (0.0, 30.0):
+                        ce_triton._dweight(torch.ones(()), h, W, labels, w, torch.zeros(256), sc)
                 finally:
                     ce_triton._config = orig
         out["ce"] = ce

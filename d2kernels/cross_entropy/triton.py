@@ -308,6 +308,16 @@ def _b_tile(
 
 
 @triton.jit
+def _tile_of(t, n_m, n_n, GROUP: tl.constexpr):
+    """Tile ``t`` in grouped order -> (row tile, column tile): GROUP row tiles walk the column tiles
+    together, so a weight tile is reused from L2 by the row tiles of its group."""
+    per_group = GROUP * n_n
+    first = (t // per_group) * GROUP
+    size = tl.minimum(n_m - first, GROUP)
+    return first + (t % per_group) % size, (t % per_group) // size
+
+
+@triton.jit
 def _wait_count(cnt_ptr, target, err_ptr, SPIN: tl.constexpr):
     """Spin until ``*cnt_ptr >= target`` (acquire). After ``SPIN`` reads give up and raise the error flag."""
     c = tl.atomic_add(cnt_ptr, 0, sem="acquire")
@@ -378,13 +388,7 @@ def _ce_block_kernel(
             _done(done_b + chunk * n_tm + tile_m)
         else:
             chunk = step + 1
-            tile = r - n_b
-            # grouped order: GROUP_M row tiles walk the chunk's W tiles together (L2 reuse of W)
-            width = GROUP_M * n_tn
-            first_m = (tile // width) * GROUP_M
-            group_m = tl.minimum(n_tm - first_m, GROUP_M)
-            tile_m = first_m + (tile % width) % group_m
-            tile_n = (tile % width) // group_m
+            tile_m, tile_n = _tile_of(r - n_b, n_tm, n_tn, GROUP_M)
             if chunk > 0:
                 # B(chunk - 1) of these rows has read the P rows and stats this tile overwrites
                 _wait_count(done_b + (chunk - 1) * n_tm + tile_m, n_th, err_ptr, SPIN)
