@@ -41,6 +41,51 @@ def timeline(fn):
     return (end - ev[0][0]) / 1e3, busy / 1e3, gaps
 
 
+def phases(fn, n=40):
+    """Where one call's wall time goes, without a profiler: CUDA events and host clocks at the call's
+    start, the sync's return (``_supervised``), the chunk loop's first launch and end, and the call's
+    end; medians over ``n`` back-to-back calls (the steady state do_bench measures)."""
+    marks = {}
+
+    def mark(name):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        marks.setdefault(name, []).append((ev, time.perf_counter()))
+
+    sup, split = ce._supervised, ce._forward_split
+
+    def sup_w(*a, **k):
+        out = sup(*a, **k)
+        mark("after sync")
+        return out
+
+    def split_w(*a, **k):
+        mark("loop start")
+        out = split(*a, **k)
+        mark("loop end")
+        return out
+
+    ce._supervised, ce._forward_split = sup_w, split_w
+    try:
+        for _ in range(n):
+            mark("call start")
+            fn()
+            mark("call end")
+        torch.cuda.synchronize()
+    finally:
+        ce._supervised, ce._forward_split = sup, split
+    order = ["call start", "after sync", "loop start", "loop end", "call end"]
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    row = []
+    for a, b in zip(order, order[1:]):
+        k = min(len(marks[a]), len(marks[b]))  # backward re-runs the forward: pair each with its next
+        gpu = med([marks[a][i][0].elapsed_time(marks[b][i][0]) for i in range(k)])
+        host = med([(marks[b][i][1] - marks[a][i][1]) * 1e3 for i in range(k)])
+        row.append(f"{a} -> {b}: gpu {gpu:.3f} host {host:.3f}")
+    nxt = [marks["call end"][i][0].elapsed_time(marks["call start"][i + 1][0]) for i in range(n - 1)]
+    return " | ".join(row) + f" | call end -> next start: gpu {med(nxt):.3f} ms"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--frac", type=float, default=1.0)
@@ -93,6 +138,7 @@ def main():
               f"profiled span {span:.3f} busy {busy:.3f} gaps {sum(g for g, _ in gaps) / 1e3:.3f} ms in {len(gaps)} | "
               f"chunk loop eager {eager_loop:.3f} graph {graph_loop:.3f} ms", flush=True)
         print("   largest gaps (us, next kernel):", [(round(g, 1), n[:40]) for g, n in big], flush=True)
+        print("   phases (ms, medians):", phases(fn), flush=True)
     ce._config = base
 
 

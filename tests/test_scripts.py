@@ -35,7 +35,7 @@ def test_kernel_regs_help():
 
 
 @pytest.mark.parametrize("script,flag", [("scripts/gemm_probe.py", "--cpu-check"), ("scripts/ce_timeline.py", "--frac"),
-                                         ("scripts/gpu_cross_entropy.py", "--duel")])
+                                         ("scripts/gpu_cross_entropy.py", "--duel"), ("scripts/ce_kernels.py", "--warm-ms")])
 def test_gpu_scripts_help(script, flag):
     """The device-side scripts answer --help on a CPU box (their GPU work starts after parsing)."""
     p = _run(script, "--help")
