@@ -282,6 +282,8 @@ if __name__ == "__main__":
                     "e.g. '1792x8000,1280x13312,1920x7424' (peak MiB shows whether one fits the 64 MiB)")
     ap.add_argument("--budget-mib", type=int, default=0, help="override CEConfig.budget (the chunk buffers of either schedule)")
     ap.add_argument("--extra", default="", help="more shapes for ours + torch.compile only, e.g. '8192x4096x262144'")
+    ap.add_argument("--budgets", default="", help="comma list of CEConfig.budget values in MiB: ours at each "
+                    "(100%% and ~50%%) and torch.compile once, at the --extra shapes, then exit")
     ap.add_argument("--gemm-sweep", action="store_true", help="the split schedule's cuBLAS calls per T-block height, then exit")
     ap.add_argument("--duel", type=int, default=0, help="N rounds of ours vs torch.compile alternating (key shape, "
                     "plus --extra shapes), then exit")
@@ -296,6 +298,18 @@ if __name__ == "__main__":
     if ARGS.gemm_sweep:
         gemm_sweep(3584, 2560, 151936)
         gemm_sweep(8192, 4096, 262144)
+        sys.exit(0)
+    if ARGS.budgets:
+        for spec in filter(None, ARGS.extra.split(",")):
+            T, H, V = map(int, spec.split("x"))
+            for mib in map(int, ARGS.budgets.split(",")):
+                CFG_NAME = f"budget {mib} MiB"
+                ce_triton._config = lambda dev, dot_dtype, c=ce_triton.CEConfig(budget=mib << 20): c
+                for frac in (1.0, 0.5):
+                    time_shape(T, H, V, frac, ("ours",))
+            CFG_NAME = "default"
+            ce_triton._config = lambda dev, dot_dtype: ce_triton.CEConfig()
+            time_shape(T, H, V, 1.0, ("torch_compile",))
         sys.exit(0)
     if ARGS.duel:
         if ARGS.configs != "default":  # one named config

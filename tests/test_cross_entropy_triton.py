@@ -321,6 +321,21 @@ def test_unsupervised_labels_are_never_read():
         decayed_cross_entropy(h, W, bad, mask, off, gamma=4.0, backend="triton")
 
 
+def test_split_budget_grows_with_the_stash(monkeypatch):
+    """With a d hidden stash the split schedule's chunk budget is max(budget, budget_per_stash x stash bytes);
+    without one (no grad) it stays ``budget``."""
+    cfg = dataclasses.replace(ce_triton._config(torch.device(DEV), torch.float16), budget=4096)
+    monkeypatch.setattr(ce_triton, "_config", lambda dev, dt: cfg)
+    seen = []
+    plan = ce_triton._plan_split
+    monkeypatch.setattr(ce_triton, "_plan_split", lambda Tc, H, V, isz, c, dh, g: seen.append(c.budget) or plan(Tc, H, V, isz, c, dh, g))
+    h, W, labels, mask, off = make_case((64,), 64, 257, torch.float16, frac=1.0)
+    decayed_cross_entropy(h.requires_grad_(), W, labels, mask, off, gamma=4.0, backend="triton")[0].backward()
+    with torch.no_grad():
+        decayed_cross_entropy(h, W, labels, mask, off, gamma=4.0, backend="triton")
+    assert seen == [int(1.5 * 64 * 64 * 2), 4096], seen
+
+
 @pytest.mark.parametrize("T", [0, 1, 7, 1024, 2500])
 @pytest.mark.parametrize("lab_dtype", [torch.int64, torch.int32, torch.uint8])
 def test_compaction_kernel(T, lab_dtype):
