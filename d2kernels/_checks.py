@@ -86,10 +86,10 @@ def validation_mode() -> str:
 
 
 def range_violations(name: str, t: torch.Tensor, low: int, high: int, where: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The deferred half of ``check_range``: a 0-dim count of (selected) values outside ``[low, high)``
-    for the caller to read together with its other host values (one sync), then hand to
-    ``raise_range_error`` if non-zero. None when nothing is to be read: validation off, or "async"
-    on CUDA (a device-side assert is queued instead)."""
+    """The device half of ``check_range``: a 0-dim count of (selected) values outside ``[low, high)``,
+    for ``raise_range_error`` if non-zero. None when nothing is to be read: validation off, or "async"
+    on CUDA (a device-side assert is queued instead). (The Triton cross-entropy counts its bad labels
+    in its compaction kernel instead and reads the count in the sync it needs anyway.)"""
     if t.numel() == 0 or _validation == "off":
         return None
     bad = _out_of_range(t, low, high, where)
