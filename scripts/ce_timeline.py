@@ -41,6 +41,27 @@ def timeline(fn):
     return (end - ev[0][0]) / 1e3, busy / 1e3, gaps
 
 
+def chunk_loop(h, W, labels, mask, off, cfg):
+    """The split schedule's chunk loop alone (``_forward_split`` on inputs compacted beforehand, so no
+    host sync) -> (the eager callable, a CUDA graph of one call of it)."""
+    w = decay_weights(mask, off, 4.0).float()
+    rows = torch.nonzero(w > 0).flatten()
+    args = (h.detach(), W, rows, rows.int(), labels[rows].int(), w[rows].contiguous(), cfg, 0.0, False, True)
+    outs = (torch.zeros(h.shape[0], device="cuda"), torch.zeros(0, dtype=torch.bool, device="cuda"), torch.zeros_like(h),
+            torch.zeros(1, dtype=torch.int32, device="cuda"))
+    loop = lambda: ce._forward_split(*args, *outs)  # noqa: E731
+    loop()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        loop()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        loop()
+    return loop, g
+
+
 def phases(fn, n=40):
     """Where one call's wall time goes, without a profiler: CUDA events and host clocks at the call's
     start, the sync's return (``_supervised``), the chunk loop's first launch and end, and the call's
@@ -117,22 +138,8 @@ def main():
         span, busy, gaps = timeline(fn)
         big = sorted(gaps, reverse=True)[:6]
         # the chunk loop alone, eager vs one CUDA graph replay
-        w = decay_weights(mask, off, 4.0).float()
-        rows = torch.nonzero(w > 0).flatten()
-        args = (h.detach(), W, rows, rows.int(), labels[rows].int(), w[rows].contiguous(), cfg, 0.0, False, True)
-        outs = (torch.zeros(T, device="cuda"), torch.zeros(0, dtype=torch.bool, device="cuda"), torch.zeros_like(h),
-                torch.zeros(1, dtype=torch.int32, device="cuda"))
-        loop = lambda: ce._forward_split(*args, *outs)  # noqa: E731
-        loop()
+        loop, g = chunk_loop(h, W, labels, mask, off, cfg)
         eager_loop = do_bench(loop, warmup=20, rep=200, return_mode="median")
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            loop()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            loop()
         graph_loop = do_bench(g.replay, warmup=20, rep=200, return_mode="median")
         print(f"{name}: wall {wall:.3f} ms | host enqueue {(t1 - t0) / 5 * 1e3:.3f} ms/call (drain {(t2 - t1) * 1e3:.1f} ms) | "
               f"profiled span {span:.3f} busy {busy:.3f} gaps {sum(g for g, _ in gaps) / 1e3:.3f} ms in {len(gaps)} | "
