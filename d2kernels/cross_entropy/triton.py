@@ -811,9 +811,9 @@ def _read_host(t: torch.Tensor) -> list:
     if not t.is_cuda:
         return t.tolist()
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
+    host.copy_(t, non_blocking=True)  # queued on t's device's current stream (not necessarily the current device)
     ev = torch.cuda.Event()
-    ev.record()
+    ev.record(torch.cuda.current_stream(t.device))
     ev.synchronize()
     return host.tolist()
 
