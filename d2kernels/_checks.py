@@ -80,6 +80,11 @@ def _out_of_range(t: torch.Tensor, low: int, high: int, where: torch.Tensor | No
     return bad if where is None else bad & where
 
 
+def validation_mode() -> str:
+    """The current mode of the data-dependent checks (see ``set_validation``)."""
+    return _validation
+
+
 def range_violations(name: str, t: torch.Tensor, low: int, high: int, where: torch.Tensor | None = None) -> torch.Tensor | None:
     """The deferred half of ``check_range``: a 0-dim count of (selected) values outside ``[low, high)``
     for the caller to read together with its other host values (one sync), then hand to

@@ -39,6 +39,12 @@ def capture(run_op):
 
     def fake_run(self, *args, grid, warmup, **kwargs):
         seen.append((self, args, kwargs))
+        if self.fn.__name__ == "_ce_compact_kernel":  # the host reads its count: emulate it in torch
+            tw, lab, rows, rows32, labc, twc, lse, _, err, den, count = args[:11]
+            sup = torch.nonzero(tw > 0).flatten()
+            n = sup.numel()
+            rows[:n], rows32[:n], labc[:n], twc[:n] = sup, sup.int(), lab[sup].int(), tw[sup]
+            den.fill_(tw.sum()), lse.zero_(), err.zero_(), count.copy_(torch.tensor([n, 0]))
 
     JITFunction.run = fake_run
     try:

@@ -14,6 +14,7 @@ import triton.language as tl
 import d2kernels.cross_entropy.triton as ce_triton
 from d2kernels.cross_entropy.triton import _wait_count
 from d2kernels.cross_entropy import CEOptions, decayed_cross_entropy
+from d2kernels import validation
 from d2kernels.layout import decay_weights
 from tests.utils import rel_err
 
@@ -323,6 +324,32 @@ def test_unsupervised_labels_are_never_read():
     bad[mask.nonzero()[0, 0]] = 257
     with pytest.raises(ValueError, match=r"labels out of range \[0, 257\): 1 bad value\(s\), e.g. \[257\]"):
         decayed_cross_entropy(h, W, bad, mask, off, gamma=4.0, backend="triton")
+
+
+@pytest.mark.parametrize("T", [0, 1, 7, 1024, 2500])
+@pytest.mark.parametrize("lab_dtype", [torch.int64, torch.int32, torch.uint8])
+def test_compaction_kernel(T, lab_dtype):
+    """``_supervised`` (one compaction launch + one host read) against torch: rows in order, their labels
+    and weights, ``den``, zeroed ``lse``/``correct``/``err``; bad labels count only where supervised."""
+    g = torch.Generator().manual_seed(T)
+    tw = torch.rand(T, generator=g) * (torch.rand(T, generator=g) < 0.6)
+    labels = torch.randint(0, 200, (T,), generator=g).to(lab_dtype)
+    lse, correct = torch.full((T,), 7.0, device=DEV), torch.ones(T, dtype=torch.bool, device=DEV)
+    err = torch.full((1,), 3, dtype=torch.int32, device=DEV)
+    Tc, rows, rows32, lab_c, tw_c, den = ce_triton._supervised(labels.to(DEV), tw.to(DEV), 200, lse, correct, err)
+    want = torch.nonzero(tw > 0).flatten()
+    assert Tc == want.numel() and torch.equal(rows.cpu(), want) and torch.equal(rows32.cpu(), want.int())
+    assert torch.equal(lab_c.cpu(), labels[want].int()) and torch.equal(tw_c.cpu(), tw[want])
+    assert torch.allclose(den.cpu(), tw.sum(), rtol=1e-5, atol=0) and not lse.any() and not correct.any() and err.item() == 0
+    if lab_dtype != torch.uint8 and T:
+        bad = labels.clone()
+        bad[tw == 0] = -5  # unsupervised: never an error
+        ce_triton._supervised(bad.to(DEV), tw.to(DEV), 200, lse, correct[:0], err)
+        if Tc:
+            bad[want[-1]] = 200
+            for mode in ("sync", "async"):  # the count is read in the op's sync anyway: both raise
+                with validation(mode), pytest.raises(ValueError, match=r"labels out of range \[0, 200\): 1 bad"):
+                    ce_triton._supervised(bad.to(DEV), tw.to(DEV), 200, lse, correct[:0], err)
 
 
 @GPU
