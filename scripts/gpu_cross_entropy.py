@@ -179,6 +179,9 @@ CONFIGS = {
     "split_share50": ce_triton.CEConfig(rows_share=0.5),
     "split_share65": ce_triton.CEConfig(rows_share=0.65),
     "split_rev": ce_triton.CEConfig(rows_reverse=True),
+    "split_sk": ce_triton.CEConfig(mm2="streamk"),  # mm2 = the stream-K Triton kernel, K-aligned ranges
+    "split_sk_s4": ce_triton.CEConfig(mm2="streamk", mm2_stages=4),
+    "split_sk_tile": ce_triton.CEConfig(mm2="streamk", mm2_order="tile"),
 }
 
 

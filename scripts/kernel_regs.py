@@ -114,9 +114,12 @@ def ops(names):
             from d2kernels.cross_entropy import CEOptions
             orig = ce_triton._config
             # the GPU tiles (on a CPU the launcher would pick interpreter tiles), both schedules; the
-            # split one runs its cuBLAS calls for real here, so it gets a small T and V
-            for schedule, T, Vs in (("fused", 3584, V), ("split", 256, 4096)):
-                cfg = ce_triton.CEConfig(schedule=schedule)
+            # split one runs its cuBLAS calls for real here, so it gets a small T and V. split + streamk:
+            # its mm2 by the stream-K kernel, with tensor-descriptor loads and with pointer loads
+            for schedule, T, Vs, extra in (("fused", 3584, V, {}), ("split", 256, 4096, {}),
+                                           ("split", 256, 4096, dict(mm2="streamk")),
+                                           ("split", 256, 4096, dict(mm2="streamk", mm2_tma=False))):
+                cfg = ce_triton.CEConfig(schedule=schedule, **extra)
                 ce_triton._config = lambda dev, dot_dtype, cfg=cfg: cfg
                 try:
                     h = torch.zeros(T, H, dtype=bf)

@@ -47,15 +47,19 @@ def use_config(monkeypatch, **changes):
     monkeypatch.setattr(ce_triton, "_config", lambda dev, dt: dataclasses.replace(orig(dev, dt), **changes))
 
 
-@pytest.fixture(params=["fused", "split"])
+@pytest.fixture(params=["fused", "split", "split-sk"])
 def schedule(request, monkeypatch):
-    """Both schedules (the split one runs for 16-bit inputs of one dtype; fp32 always takes the fused one)."""
-    use_config(monkeypatch, schedule=request.param)
+    """Both schedules (the split one runs for 16-bit inputs of one dtype; fp32 always takes the fused one);
+    split-sk: the split schedule with its ``acc += P @ W`` by the stream-K kernel (``mm2="streamk"``)."""
+    if request.param == "split-sk":
+        use_config(monkeypatch, schedule="split", mm2="streamk")
+    else:
+        use_config(monkeypatch, schedule=request.param)
     return request.param
 
 
 def only_16bit(schedule, dt):
-    if schedule == "split" and dt == "fp32":
+    if schedule.startswith("split") and dt == "fp32":
         pytest.skip("fp32 inputs always take the fused schedule (covered by the fused case)")
 
 
@@ -285,7 +289,8 @@ def test_all_masked_launches_nothing(schedule, monkeypatch):
         def __getitem__(self, grid):
             raise AssertionError(f"kernel launched with grid {grid} although nothing is supervised")
 
-    for name in ("_ce_block_kernel", "_ce_rows_kernel", "_ce_finalize_kernel", "_ce_dlogits_kernel", "_ce_dlogits_rows_kernel"):
+    for name in ("_ce_block_kernel", "_ce_rows_kernel", "_ce_finalize_kernel", "_ce_dlogits_kernel", "_ce_dlogits_rows_kernel",
+                 "_mm2_streamk_kernel"):
         monkeypatch.setattr(ce_triton, name, NoLaunch())
     h, W, labels, mask, off = make_case((4, 5), 64, 257, torch.float16, frac=0.0)
     num, den, cor, dh, dw = run(h, W, labels, mask, off)
@@ -407,12 +412,15 @@ def test_gpu_tile_schedule_stress(dt, poison, monkeypatch):
 
 
 @GPU
+@pytest.mark.parametrize("mm2", ["cublas", "streamk"])
 @pytest.mark.parametrize("frac", [0.7, 1.0], ids=lambda f: f"sup{f:g}")
-def test_gpu_split_schedule_stress(frac, poison, monkeypatch):
+def test_gpu_split_schedule_stress(frac, mm2, poison, monkeypatch):
     """Split schedule, bf16: several T-blocks (rows gathered, or plain slices when all are supervised)
     x 21 chunks of 1000 columns (not a multiple of 16) and a last one of 11, later chunks jumping
-    far above the reference inside their second row-pass tile; two runs bitwise identical."""
-    use_config(monkeypatch, schedule="split", rows_block=512)
+    far above the reference inside their second row-pass tile; two runs bitwise identical. streamk:
+    6 output tiles of 16 K steps for up to 132 programs, each tile's adds a chain of 16 segments
+    (tensor descriptors; the last chunk's 22-byte rows take pointer loads)."""
+    use_config(monkeypatch, schedule="split", rows_block=512, mm2=mm2)
     monkeypatch.setattr(ce_triton, "_plan_split", lambda Tc, H, V, itemsize, cfg, need_dh, gather: (min(Tc, 384), 1000))
     h, W, labels, mask, off = make_case((1111,), 320, 20011, torch.bfloat16, frac=frac, seed=21, wscale=0.1)
     W[15600:] *= 8.0  # chunk 15 = columns 15000..15999, row-pass tiles of 512: the jump is in its second
@@ -450,3 +458,165 @@ def test_error_flag_turns_the_loss_nan(raised, monkeypatch):
     h, W, labels, mask, off = make_case((9,), 64, 257, torch.float32, frac=1.0)
     num, den = decayed_cross_entropy(h, W, labels, mask, off, gamma=4.0, backend="triton")
     assert torch.isnan(num).item() == raised
+
+
+# ----------------------------------------------------------------------------------------------
+# the split schedule's stream-K ``acc (+)= P @ W`` kernel, called directly
+# ----------------------------------------------------------------------------------------------
+def range_owners(total, n_r):
+    """Iteration -> the stream-K range holding it, by enumeration."""
+    return [r for r in range(n_r) for _ in range(r * total // n_r, (r + 1) * total // n_r)]
+
+
+def streamk_segments(M, N, K, cfg, n_progs):
+    """The kernel's work split, modelled on the host: tile -> the ranges holding its K steps."""
+    n_tiles = triton_cdiv(M, cfg.mm2_block_m) * triton_cdiv(N, cfg.mm2_block_n)
+    ki = triton_cdiv(K, cfg.mm2_block_k)
+    total = n_tiles * ki
+    owner = range_owners(total, min(n_progs, total))
+    return {t: sorted(set(owner[t * ki:(t + 1) * ki])) for t in range(n_tiles)}, total
+
+
+@triton.jit
+def _range_of_probe(out_ptr, g0, n, step, n_r, total, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    g = g0 + o * step
+    tl.store(out_ptr + o, ce_triton._range_of(g, n_r, total), mask=o < n)
+
+
+@pytest.mark.parametrize("total,n_r", [(1, 1), (7, 7), (9, 2), (60, 13), (101, 100), (20800, 132), (56 * 283, 132)])
+def test_streamk_range_of_matches_enumeration(total, n_r):
+    """The kernel's closed form for "which range holds iteration g" (every wait count is a difference
+    of two of them) against the ranges enumerated."""
+    owner = range_owners(total, n_r)
+    step = max(1, total // 512)
+    g = list(range(0, total, step))[:512]
+    out = torch.full((512,), -1, dtype=torch.int32, device=DEV)
+    _range_of_probe[(1,)](out, 0, len(g), step, n_r, total, BLOCK=512)
+    assert out[:len(g)].tolist() == [owner[x] for x in g]
+
+
+def streamk_cfg(**changes):
+    cfg = ce_triton._config(torch.device(DEV), torch.float16)
+    return dataclasses.replace(cfg, mm2="streamk", **changes)
+
+
+STREAMK_CASES = [
+    # (M, K, N, n_progs, tma, what the case must exercise)
+    (37, 203, 75, 5, False, "odd M/N/K, pointer loads"),
+    (37, 200, 72, 5, True, "M/N edge tiles, tensor descriptors"),
+    (21, 5, 40, 3, False, "K < one BK step"),
+    (21, 8, 40, 3, True, "K < one BK step, tensor descriptors"),
+    (20, 20, 40, 11, False, "more programs than K steps"),
+    (16, 16, 32, 4, True, "one step, more programs than steps"),
+    (37, 100, 50, 1, False, "one program"),
+    (16, 144, 32, 3, True, "one tile over 3 programs"),
+    (33, 150, 64, 13, False, "tiles over 3 programs"),
+]
+
+
+@pytest.mark.parametrize("order", ["kalign", "tile"])
+@pytest.mark.parametrize("accumulate", [False, True], ids=["overwrite", "accumulate"])
+@pytest.mark.parametrize("case", STREAMK_CASES, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-p{c[3]}-{'tma' if c[4] else 'ptr'}")
+def test_mm2_streamk_matches_torch(case, accumulate, order):
+    """``acc (=|+=) p @ w`` against float32 torch, bitwise identical on repeat (with the same scratch,
+    which each launch leaves zeroed: a wrong "last segment" would leave a flag set), a NaN-poisoned
+    acc never read when overwriting; both segment orders."""
+    M, K, N, n_progs, tma, what = case
+    cfg = streamk_cfg(mm2_order=order)
+    segs, total = streamk_segments(M, N, K, cfg, n_progs)
+    spread = max(len(r) for r in segs.values())
+    if "3 programs" in what:
+        assert spread >= 3, segs
+    if "more programs" in what:
+        assert n_progs > total
+    if "K <" in what:
+        assert K < cfg.mm2_block_k
+    assert len(segs) > 1 or "one tile" in what or "one step" in what
+    g = torch.Generator().manual_seed(M * K + N)
+    p = torch.randn(M, K, generator=g).half().to(DEV)
+    w = (torch.randn(K, N, generator=g) * 0.5).half().to(DEV)
+    acc0 = torch.randn(M, N, generator=g).to(DEV) if accumulate else torch.full((M, N), float("nan"), device=DEV)
+    want = p.float() @ w.float() + (acc0 if accumulate else 0.0)
+    sync = ce_triton._mm2_sync(M, N, cfg, DEV)
+    err = torch.zeros(1, dtype=torch.int32, device=DEV)
+    outs = []
+    for _ in range(2):
+        acc = acc0.clone()
+        ce_triton._mm2_streamk(acc, p, w, accumulate, cfg, n_progs=n_progs, sync=sync, err=err, tma=tma)
+        outs.append(acc)
+        assert int(err) == 0 and int(sync.abs().sum()) == 0, "the scratch must be left zeroed for the next launch"
+    assert rel_err(outs[0], want) <= 1e-5, f"{what}: {rel_err(outs[0], want):.2e}"
+    assert torch.equal(outs[0], outs[1]), "stream-K must be bitwise reproducible"
+
+
+@GPU
+@pytest.mark.parametrize("order", ["kalign", "tile"])
+@pytest.mark.parametrize("shape", [(1280, 13312, 2560), (896, 18112, 4096), (300, 1000, 320)], ids=lambda s: "x".join(map(str, s)))
+def test_gpu_mm2_streamk(shape, order):
+    """bf16 at the split schedule's chunk shapes (M x K x N): against cuBLAS's f32-out addmm, bitwise
+    identical over 3 runs, no wait given up, scratch left zeroed."""
+    M, K, N = shape
+    torch.manual_seed(M + K)
+    p = torch.rand(M, K, device=DEV).bfloat16()
+    w = (torch.randn(K, N, device=DEV) * 0.02).bfloat16()
+    acc0 = torch.randn(M, N, device=DEV)
+    cfg = dataclasses.replace(ce_triton._config(torch.device(DEV), torch.bfloat16), mm2="streamk", mm2_order=order)
+    sync = ce_triton._mm2_sync(M, N, cfg, DEV)
+    err = torch.zeros(1, dtype=torch.int32, device=DEV)
+    outs = []
+    for _ in range(3):
+        acc = acc0.clone()
+        ce_triton._mm2_streamk(acc, p, w, True, cfg, sync=sync, err=err)
+        outs.append(acc)
+    assert int(err) == 0 and int(sync.abs().sum()) == 0
+    assert rel_err(outs[0], torch.addmm(acc0, p, w, out_dtype=torch.float32)) <= 1e-5
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_mm2_streamk_in_place_of_a_row_slice():
+    """As the split schedule calls it: ``acc[:tb]`` rows of a larger buffer, ``w`` a row slice of the
+    lm_head weight (a chunk), ``p`` the front of a flat buffer; rows past ``tb`` stay untouched."""
+    cfg = streamk_cfg()
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(300, 48, generator=g).half().to(DEV)
+    s_buf = torch.randn(40 * 96, generator=g).half().to(DEV)
+    acc = torch.randn(40, 48, generator=g).to(DEV)
+    before = acc.clone()
+    tb, v0, width = 29, 104, 96
+    p = s_buf[:tb * width].view(tb, width)
+    w = weight[v0:v0 + width]
+    sync = ce_triton._mm2_sync(40, 48, cfg, DEV)
+    ce_triton._mm2_streamk(acc[:tb], p, w, True, cfg, sync=sync)
+    assert rel_err(acc[:tb], before[:tb] + p.float() @ w.float()) <= 1e-5
+    assert torch.equal(acc[tb:], before[tb:])
+
+
+@pytest.mark.parametrize("plan", ["default", "tiny"])
+def test_split_sk_runs_the_streamk_kernel(plan, poison, monkeypatch):
+    """The split-sk schedule's ``acc += P @ W`` goes through the stream-K kernel: every chunk's launch
+    but the first of a T-block accumulates; the 1000-column chunk of the default plan takes tensor
+    descriptors, the tiny plan's 100 columns (200-byte rows) pointer loads."""
+    use_config(monkeypatch, schedule="split", mm2="streamk")
+    if plan == "tiny":
+        monkeypatch.setattr(ce_triton, "_plan_split", tiny_plan_split)
+    launches = []
+    kernel = ce_triton._mm2_streamk_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((kwargs["ACCUMULATE"], kwargs["TMA"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(ce_triton, "_mm2_streamk_kernel", Recorder())
+    h, W, labels, mask, off = make_case((3, 13), 72, 1000, torch.float16, seed=1072)
+    num, den, cor, dh, dw = run(h, W, labels, mask, off)
+    rnum, _, _, rdh, _ = reference(h, W, labels, mask, off)
+    assert rel_err(num, rnum) <= 2e-3 and rel_err(dh, rdh) <= 2e-2
+    tma = plan == "default"
+    n_chunks = 1 if tma else 10
+    n_blocks = 1 if tma else triton_cdiv(int(mask.sum()), 32)
+    want = [(False, tma)] + [(True, tma)] * (n_chunks - 1)
+    assert launches == want * n_blocks

@@ -36,7 +36,8 @@ def test_kernel_regs_help():
 
 
 @pytest.mark.parametrize("script,flag", [("scripts/gemm_probe.py", "--cpu-check"), ("scripts/ce_timeline.py", "--frac"),
-                                         ("scripts/gpu_cross_entropy.py", "--duel"), ("scripts/ce_kernels.py", "--warm-ms")])
+                                         ("scripts/gpu_cross_entropy.py", "--duel"), ("scripts/ce_kernels.py", "--warm-ms"),
+                                         ("scripts/mm2_probe.py", "--shapes")])
 def test_gpu_scripts_help(script, flag):
     """The device-side scripts answer --help on a CPU box (their GPU work starts after parsing)."""
     p = _run(script, "--help")
@@ -49,5 +50,14 @@ def test_gemm_probe_cpu_check():
     """The probe's Triton matmuls (pointer loads, TMA persistent, TMA + exp epilogue) match torch in the interpreter."""
     env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
     p = subprocess.run([sys.executable, "scripts/gemm_probe.py", "--cpu-check"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "cpu check ok" in p.stdout, p.stderr[-3000:]
+
+
+def test_mm2_probe_cpu_check():
+    """The probe's stream-K matmul (pointer and tensor-descriptor loads, overwrite and accumulate) matches
+    torch in the interpreter, bitwise the same on repeat, and leaves its scratch zeroed."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "scripts/mm2_probe.py", "--cpu-check"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "cpu check ok" in p.stdout, p.stderr[-3000:]

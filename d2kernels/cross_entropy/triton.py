@@ -14,7 +14,9 @@ supervised rows (gathered, or plain slices when every token is supervised) and v
                           becomes ``P = exp(z - r) * softcap'(z)`` in place. The row reference ``r``
                           moves only when a tile's max exceeds it by more than TAU; then the row's
                           sum, P tiles already written and ``acc`` row are rescaled right there;
-  ``acc += P @ W[chunk]`` cuBLAS with f32 output (``out_dtype``).
+  ``acc += P @ W[chunk]`` cuBLAS with f32 output (``out_dtype``), or (``CEConfig.mm2 = "streamk"``)
+                          ``_mm2_streamk_kernel``: a deterministic stream-K Triton matmul, every SM
+                          the same share of the K steps (the output is only ``[Tb, H]``).
 Then ``_ce_finalize_kernel`` as below. The matmuls run at cuBLAS's rate; the price is one write
 and one read of each logits chunk, which the budget keeps small.
 
@@ -93,12 +95,28 @@ class CEConfig:
     budget_per_stash: float = 1.5
     rows_share: float = 0.35  # split: at most this share of the budget for the per-row buffers (acc, h);
     # 0.35 (T=3584: 3 T-blocks of 1280, chunks of 13312) and 0.5 (2 x 1792, 8000) time the same on the H200
+    # split: who runs ``acc += P @ W[chunk]``. "cublas" (addmm, f32 out), or "streamk": the Triton
+    # stream-K kernel ``_mm2_streamk_kernel`` (every SM the same share of the K iterations: at the key
+    # shape cuBLAS's 128 x 256 tiles give 100 tiles for 132 SMs). Deterministic either way
+    mm2: str = "cublas"
+    mm2_block_m: int = 128
+    mm2_block_n: int = 256
+    mm2_block_k: int = 64
+    mm2_warps: int = 8
+    mm2_stages: int = 3
+    mm2_progs: int = 0  # persistent programs of the stream-K kernel (0: the device's SM count)
+    mm2_tma: bool = True  # tensor-descriptor (TMA) loads where the strides allow it (sm_90+; else pointer loads)
+    # "kalign": a range that ends inside a tile computes that tile's first K steps first; tiles add
+    # in increasing K order; every program streams the same K window (P and W slabs shared in L2).
+    # "tile": segments in tile order, adding in decreasing K order (programs at scattered K offsets)
+    mm2_order: str = "kalign"
 
 
 def _config(device: torch.device, dot_dtype: torch.dtype) -> CEConfig:
     if device.type != "cuda":  # Triton interpreter: small tiles keep CPU tests fast
         return CEConfig(block_m=32, block_n=64, block_k=16, block_h=64, num_warps=4, num_stages=1, rows_block=64, rows_m=4,
-                        stats_cols=2, finalize_m=32, finalize_h=64)
+                        stats_cols=2, finalize_m=32, finalize_h=64,
+                        mm2_block_m=16, mm2_block_n=32, mm2_block_k=16, mm2_warps=4, mm2_stages=1, mm2_progs=5)
     if dot_dtype == torch.float32:
         # 4-byte tiles: 4 stages asked 329 KB of shared memory on the H200 (limit 227 KB); 2 halve it
         return CEConfig(num_stages=2)
@@ -340,6 +358,145 @@ def _done(cnt_ptr):
     """Publish a finished tile: every warp's stores first (barrier), then a release increment."""
     tl.debug_barrier()
     tl.atomic_add(cnt_ptr, 1, sem="release")
+
+
+@triton.jit
+def _mm2_segment(p_src, w_src, pm, pn, k_lo, k_hi, M, N, K, stride_p, stride_w,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TMA: tl.constexpr):
+    """``P[pm-tile, k_lo*BK : k_hi*BK] @ W[k_lo*BK : k_hi*BK, pn-tile]`` -> ``[BM, BN]`` f32. TMA: ``p_src``
+    and ``w_src`` are tensor descriptors (blocks [BM, BK] and [BK, BN]; out-of-bounds parts read as
+    zero), else pointers (masked loads)."""
+    part = tl.zeros((BM, BN), tl.float32)
+    if TMA:
+        for k in range(k_lo, k_hi):
+            a = p_src.load([pm * BM, k * BK])
+            b = w_src.load([k * BK, pn * BN])
+            part = tl.dot(a, b, part)
+    else:
+        o_m = pm * BM + tl.arange(0, BM)
+        o_n = pn * BN + tl.arange(0, BN)
+        o_k = k_lo * BK + tl.arange(0, BK)
+        m_m = o_m < M
+        m_n = o_n < N
+        p_p = p_src + o_m.to(tl.int64)[:, None] * stride_p + o_k[None, :]  # [BM, BK]
+        p_w = w_src + o_k.to(tl.int64)[:, None] * stride_w + o_n[None, :]  # [BK, BN]
+        for k in range(k_lo, k_hi):
+            m_k = o_k < K
+            a = tl.load(p_p, mask=m_m[:, None] & m_k[None, :], other=0.0)
+            b = tl.load(p_w, mask=m_k[:, None] & m_n[None, :], other=0.0)
+            part = tl.dot(a, b, part)
+            o_k += BK
+            p_p += BK
+            p_w += BK * stride_w
+    return part
+
+
+@triton.jit
+def _mm2_add_store(acc_ptr, part, m0, n0, M, N, m_read, stride_acc, BM: tl.constexpr, BN: tl.constexpr):
+    """``acc[m0:m0+BM, n0:n0+BN] = acc (rows < m_read, else 0) + part`` (rows < M, columns < N). acc as
+    stored, maybe by another program: ``.cg`` loads, never a stale L1 line."""
+    o_m = m0 + tl.arange(0, BM)
+    o_n = n0 + tl.arange(0, BN)
+    p_acc = acc_ptr + o_m.to(tl.int64)[:, None] * stride_acc + o_n[None, :]
+    old = tl.load(p_acc, mask=(o_m < m_read)[:, None] & (o_n < N)[None, :], other=0.0, cache_modifier=".cg")
+    tl.store(p_acc, old + part, mask=(o_m < M)[:, None] & (o_n < N)[None, :])
+
+
+@triton.jit
+def _range_of(g, n_r, total):
+    """The stream-K range holding iteration ``g``: the largest ``q`` with ``q * total // n_r <= g``."""
+    return ((g.to(tl.int64) * n_r + n_r - 1) // total).to(tl.int32)
+
+
+# the chunk's width (K) and the T-block's rows (M) keep Triton's integer specialization: the
+# pointer path's loads stay vectorized, and only the last chunk / T-block adds a variant
+@triton.jit(do_not_specialize=["n_progs"])
+def _mm2_streamk_kernel(
+    p_src, w_src, acc_ptr, sync_ptr, err_ptr,
+    M, N, K, stride_p, stride_w, stride_acc, n_progs,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    ACCUMULATE: tl.constexpr, TMA: tl.constexpr, KALIGN: tl.constexpr, SPIN: tl.constexpr,
+):
+    """Stream-K ``acc[M, N] (=|+=) P[M, K] @ W[K, N]`` (f32 accumulation, f32 ``acc``), deterministic.
+
+    The ``total = n_tiles * KI`` iterations (``BM x BN`` tiles in grouped order, ``KI = cdiv(K, BK)``
+    K steps each; iteration ``g = tile * KI + k``) are cut into ``n_r = min(n_progs, total)`` ranges
+    (never empty), range ``r`` = ``[r * total // n_r, (r + 1) * total // n_r)``: every program the same
+    number of K steps (+-1). A program draws a ticket from a counter when it starts, which names its
+    range, and computes one f32 partial tile per (tile, range) segment.
+
+    Fix-up without a workspace: a tile split over several ranges gets its segments added into
+    ``acc`` one after the other in a fixed order. The first writes ``acc = (ACCUMULATE ? acc : 0) +
+    part`` and publishes ``flags[tile] += 1`` (barrier + release); the next waits (acquire) for
+    ``flags[tile] >= 1``, adds its part, publishes; ...; the last waits for the count of segments
+    before it (a difference of range indices: no range is empty), adds, and zeroes the flag for the
+    next launch. A wait is only ever for a range whose ticket was drawn earlier, by a program that
+    has started: no deadlock even if not all programs are resident. The summation order of a tile
+    depends on (M, N, K, n_progs) only: bitwise reproducible, no float atomics. A wait that spins
+    ``SPIN`` reads raises ``err``.
+
+    KALIGN (the order): ranges are drawn first to last; a range that ends inside a tile it starts
+    computes that tile's head (K steps from 0) first, then the rest in tile order; segments add in
+    increasing K order. All programs then stream the same K window at once (with fewer tiles than
+    programs, within ``KI - total / n_r`` steps of each other), so P and W slabs are shared in L2
+    as in a data-parallel GEMM. Otherwise: ranges drawn last to first, segments in tile order,
+    adding in decreasing K order (the tile's last segment, first in its range, adds first); every
+    program at a different K offset.
+
+    ``sync_ptr`` (int32, zero before the first launch, zero again after each): ``[0]`` the ticket
+    counter (reset by the program drawing the last ticket), ``[1 + tile]`` the per-tile flags.
+    """
+    ticket = tl.atomic_add(sync_ptr, 1)
+    if ticket == n_progs - 1:  # every program has drawn its ticket: the counter is free for the next launch
+        tl.atomic_xchg(sync_ptr, 0)
+    flags_ptr = sync_ptr + 1
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    KI = tl.cdiv(K, BK)
+    total = (n_m * n_n).to(tl.int64) * KI
+    n_r = tl.minimum(total, n_progs)  # no empty ranges: the fix-up counts on every range holding a step
+    if KALIGN:
+        r = ticket
+    else:
+        r = n_progs - 1 - ticket
+    if r < n_r:
+        start = (r * total // n_r).to(tl.int32)
+        end = ((r + 1) * total // n_r).to(tl.int32)
+        h0 = ((end - 1) // KI) * KI  # first step of the range's last tile
+        if KALIGN:
+            head = (h0 > start) & (h0 + KI > end)  # that tile starts inside this range and ends past it
+        else:
+            head = h0 < 0  # never
+        g = tl.where(head, h0, start)  # head: [h0, end) first, then [start, h0)
+        stop = end
+        while g < stop:
+            tile = g // KI
+            t0 = tile * KI
+            k_lo = g - t0
+            g_hi = tl.minimum(stop, t0 + KI)
+            pm, pn = _tile_of(tile, n_m, n_n, GROUP)
+            part = _mm2_segment(p_src, w_src, pm, pn, k_lo, g_hi - t0, M, N, K, stride_p, stride_w, BM, BN, BK, TMA)
+            if KALIGN:
+                n_wait = r - _range_of(t0, n_r, total)  # segments of this tile that add before this one
+                final = g_hi == t0 + KI  # this segment adds last
+            else:
+                n_wait = _range_of(t0 + KI - 1, n_r, total) - r
+                final = k_lo == 0
+            if n_wait > 0:
+                _wait_count(flags_ptr + tile, n_wait, err_ptr, SPIN)
+            # read acc unless this is the tile's first add in a launch that overwrites (n_wait >= 0 always)
+            m_read = tl.where(n_wait >= (0 if ACCUMULATE else 1), M, 0)
+            # two halves of BN / 2 columns: the stored tile and the partial one never both whole in registers
+            lo, hi = tl.split(tl.permute(tl.reshape(part, (BM, 2, BN // 2)), (0, 2, 1)))
+            _mm2_add_store(acc_ptr, lo, pm * BM, pn * BN, M, N, m_read, stride_acc, BM, BN // 2)
+            _mm2_add_store(acc_ptr, hi, pm * BM, pn * BN + BN // 2, M, N, m_read, stride_acc, BM, BN // 2)
+            if not final:
+                _done(flags_ptr + tile)  # the tile's next segment (another range) waits for this one
+            elif n_wait > 0:
+                tl.atomic_xchg(flags_ptr + tile, 0)  # the tile's last add: its flag is free for the next launch
+            wrap = head & (g_hi == end)  # KALIGN: the head is done, now the range's start
+            g = tl.where(wrap, start, g_hi)
+            stop = tl.where(wrap, h0, stop)
 
 
 # per-launch integers vary every call: specializing on them would recompile the kernel
@@ -703,6 +860,54 @@ def _mm_f32(acc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, accumulate: boo
         acc.add_(prod) if accumulate else acc.copy_(prod)
 
 
+def _mm2_sync(M: int, N: int, cfg: CEConfig, device) -> torch.Tensor:
+    """The stream-K kernel's zeroed int32 scratch for ``acc [<= M, N]``: claim counter + one flag per
+    tile. Every launch leaves it zero again, so one serves all the chunks and T-blocks of a call."""
+    return torch.zeros(1 + triton.cdiv(M, cfg.mm2_block_m) * triton.cdiv(N, cfg.mm2_block_n), dtype=torch.int32,
+                       device=device)
+
+
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides (and sm_90+ on CUDA)."""
+    if ts[0].is_cuda and torch.cuda.get_device_capability(ts[0].device)[0] < 9:
+        return False
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in ts)
+
+
+def _mm2_streamk(acc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, accumulate: bool, cfg: CEConfig,
+                 n_progs: Optional[int] = None, sync: Optional[torch.Tensor] = None, err: Optional[torch.Tensor] = None,
+                 tma: Optional[bool] = None) -> None:
+    """``acc (=|+=) p @ w`` (``acc [M, N]`` f32, ``p [M, K]``, ``w [K, N]`` 16-bit, rows contiguous) by the
+    deterministic stream-K kernel, ``n_progs`` persistent programs (default ``cfg.mm2_progs``, 0 = the
+    SM count). ``sync``: ``_mm2_sync``'s scratch (allocated here when None; left zeroed); ``err``: the
+    int32 flag a given-up wait raises; ``tma``: force tensor-descriptor loads on/off (None: when allowed)."""
+    M, K = p.shape
+    N = w.shape[1]
+    assert w.shape[0] == K and acc.shape == (M, N) and acc.dtype == torch.float32 and p.dtype == w.dtype
+    assert p.stride(1) == 1 and w.stride(1) == 1 and acc.stride(1) == 1
+    assert cfg.mm2_order in ("kalign", "tile"), cfg.mm2_order
+    bm, bn, bk = cfg.mm2_block_m, cfg.mm2_block_n, cfg.mm2_block_k
+    if n_progs is None:
+        n_progs = cfg.mm2_progs or (torch.cuda.get_device_properties(p.device).multi_processor_count if p.is_cuda else 4)
+    if sync is None:
+        sync = _mm2_sync(M, N, cfg, p.device)
+    assert sync.numel() >= 1 + triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if err is None:
+        err = torch.zeros(1, dtype=torch.int32, device=p.device)
+    if tma is None:
+        tma = cfg.mm2_tma and _tma_ok(p, w)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        p_src, w_src = TensorDescriptor.from_tensor(p, [bm, bk]), TensorDescriptor.from_tensor(w, [bk, bn])
+    else:
+        p_src, w_src = p, w
+    _mm2_streamk_kernel[(n_progs,)](
+        p_src, w_src, acc, sync, err, M, N, K, p.stride(0), w.stride(0), acc.stride(0), n_progs,
+        BM=bm, BN=bn, BK=bk, GROUP=8, ACCUMULATE=bool(accumulate), TMA=bool(tma), KALIGN=cfg.mm2_order == "kalign",
+        SPIN=1 << 24, num_warps=cfg.mm2_warps, num_stages=cfg.mm2_stages,
+    )
+
+
 def _finalize(weight, blk, z_lab, acc, run, err, dh, lse, loss, correct, softcap: float, cfg: CEConfig,
               need_dh: bool, return_correct: bool) -> None:
     """``_ce_finalize_kernel`` for one T-block: ``blk`` = (rows, labels, token weights) of its ``tb``
@@ -747,8 +952,8 @@ def _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg: CEConfig, sof
     """The split schedule (16-bit ``hidden`` and ``weight`` of one dtype); fills ``lse``, ``correct``, ``dh``
     and returns ``num``. Per T-block and vocabulary chunk: ``S = h @ W[chunk]^T`` (cuBLAS, in the
     inputs' dtype, the precision of a plain torch lm_head), ``_ce_rows_kernel`` (stats, and ``S``
-    becomes ``P`` in place), ``acc += P @ W[chunk]`` (cuBLAS, f32 accumulate). Rows are gathered per
-    T-block unless every token is supervised."""
+    becomes ``P`` in place), ``acc += P @ W[chunk]`` (cuBLAS, or ``cfg.mm2 == "streamk"``: the stream-K
+    kernel; f32 accumulate). Rows are gathered per T-block unless every token is supervised."""
     dev = hidden.device
     T, H = hidden.shape
     V = weight.shape[0]
@@ -765,6 +970,8 @@ def _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg: CEConfig, sof
     stats = _empty((4, Tb), f32, dev)
     ref, s_run, m_max, z_lab = stats
     loss_c = _empty((Tc,), f32, dev)
+    streamk = need_dh and cfg.mm2 == "streamk"
+    sk_sync = _mm2_sync(Tb, H, cfg, dev) if streamk else None  # zero again after every launch
     sc = float(softcap)
     for t0 in range(0, Tc, Tb):
         tb = min(Tb, Tc - t0)
@@ -776,7 +983,9 @@ def _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg: CEConfig, sof
             w_chunk = weight[v0:v0 + width]
             torch.mm(h_blk, w_chunk.t(), out=s)
             _rows_pass(s, l_blk, acc if need_dh else None, stats, v0, cfg, sc)
-            if need_dh:
+            if streamk:
+                _mm2_streamk(acc[:tb], s, w_chunk, v0 > 0, cfg, sync=sk_sync, err=err)
+            elif need_dh:
                 _mm_f32(acc[:tb], s, w_chunk, accumulate=v0 > 0)
         _finalize(weight, (r_blk, l_blk, w_blk), z_lab, acc, (ref, s_run, m_max), err, dh, lse, loss_c[t0:t0 + tb],
                   correct, sc, cfg, need_dh, return_correct)
