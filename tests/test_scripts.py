@@ -44,8 +44,12 @@ def test_gpu_scripts_help(script, flag):
     assert p.returncode == 0 and flag in p.stdout, p.stderr[-2000:]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="an interpreter check for CPU boxes; on a GPU machine run "
-                    "scripts/gemm_probe.py itself (the H200's triton 3.6 interpreter fails on a scalar loop bound)")
+# the probes' interpreter checks are for CPU boxes: on a GPU machine run the probe itself (the H200's
+# triton 3.6 interpreter fails on a scalar loop bound)
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="an interpreter check for CPU boxes; on a GPU run the probe itself")
+
+
+@CPU_ONLY
 def test_gemm_probe_cpu_check():
     """The probe's Triton matmuls (pointer loads, TMA persistent, TMA + exp epilogue) match torch in the interpreter."""
     env = dict(os.environ, PYTHONPATH=str(REPO), TRITON_INTERPRET="1")
@@ -54,6 +58,7 @@ def test_gemm_probe_cpu_check():
     assert p.returncode == 0 and "cpu check ok" in p.stdout, p.stderr[-3000:]
 
 
+@CPU_ONLY
 def test_mm2_probe_cpu_check():
     """The probe's stream-K matmul (pointer and tensor-descriptor loads, overwrite and accumulate) matches
     torch in the interpreter, bitwise the same on repeat, and leaves its scratch zeroed."""
