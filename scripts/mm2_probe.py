@@ -30,6 +30,18 @@ sys.path.insert(0, os.getcwd())
 CONFIGS = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]
 
 
+def repeated(acc0, p, w, cfg, sync, err, n=3):
+    """``n`` runs of ``acc0 + p @ w`` through the stream-K kernel, each on a fresh copy of ``acc0``
+    (for bitwise-determinism checks; the GPU test of the kernel uses it too)."""
+    import d2kernels.cross_entropy.triton as ce
+    outs = []
+    for _ in range(n):
+        acc = acc0.clone()
+        ce._mm2_streamk(acc, p, w, True, cfg, sync=sync, err=err)
+        outs.append(acc)
+    return outs
+
+
 def cpu_check():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import d2kernels.cross_entropy.triton as ce
@@ -99,11 +111,7 @@ def main():
             try:
                 sync = ce._mm2_sync(M, N, cfg, dev)
                 err = torch.zeros(1, dtype=torch.int32, device=dev)
-                outs = []
-                for _ in range(3):
-                    acc = acc0.clone()
-                    ce._mm2_streamk(acc, p, w, True, cfg, sync=sync, err=err)
-                    outs.append(acc)
+                outs = repeated(acc0, p, w, cfg, sync, err)
                 torch.cuda.synchronize()
                 det = "yes" if all(torch.equal(outs[0], o) for o in outs[1:]) else "NO"
                 if int(err) or int(sync.abs().sum()):

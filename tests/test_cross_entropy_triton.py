@@ -564,11 +564,8 @@ def test_gpu_mm2_streamk(shape, order):
     cfg = dataclasses.replace(ce_triton._config(torch.device(DEV), torch.bfloat16), mm2="streamk", mm2_order=order)
     sync = ce_triton._mm2_sync(M, N, cfg, DEV)
     err = torch.zeros(1, dtype=torch.int32, device=DEV)
-    outs = []
-    for _ in range(3):
-        acc = acc0.clone()
-        ce_triton._mm2_streamk(acc, p, w, True, cfg, sync=sync, err=err)
-        outs.append(acc)
+    from scripts.mm2_probe import repeated
+    outs = repeated(acc0, p, w, cfg, sync, err)
     assert int(err) == 0 and int(sync.abs().sum()) == 0
     assert rel_err(outs[0], torch.addmm(acc0, p, w, out_dtype=torch.float32)) <= 1e-5
     assert all(torch.equal(outs[0], o) for o in outs[1:])
