@@ -85,20 +85,6 @@ def validation_mode() -> str:
     return _validation
 
 
-def range_violations(name: str, t: torch.Tensor, low: int, high: int, where: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The device half of ``check_range``: a 0-dim count of (selected) values outside ``[low, high)``,
-    for ``raise_range_error`` if non-zero. None when nothing is to be read: validation off, or "async"
-    on CUDA (a device-side assert is queued instead). (The Triton cross-entropy counts its bad labels
-    in its compaction kernel instead and reads the count in the sync it needs anyway.)"""
-    if t.numel() == 0 or _validation == "off":
-        return None
-    bad = _out_of_range(t, low, high, where)
-    if t.device.type == "cuda" and _validation == "async":
-        torch._assert_async(~bad.any(), f"{name} out of range [{low}, {high})")
-        return None
-    return bad.sum()
-
-
 def raise_range_error(name: str, t: torch.Tensor, low: int, high: int, where: torch.Tensor | None = None) -> None:
     """The ValueError of a failed range check, naming the count and a few bad values."""
     vals = t[_out_of_range(t, low, high, where)]
@@ -110,10 +96,12 @@ def check_range(name: str, t: torch.Tensor, low: int, high: int, where: torch.Te
 
     Skipped while ``torch.compile`` traces, where a data-dependent branch would break the graph.
     """
-    if torch.compiler.is_compiling():
+    if t.numel() == 0 or _validation == "off" or torch.compiler.is_compiling():
         return
-    n_bad = range_violations(name, t, low, high, where)
-    if n_bad is not None and int(n_bad):
+    bad = _out_of_range(t, low, high, where)
+    if t.device.type == "cuda" and _validation == "async":
+        torch._assert_async(~bad.any(), f"{name} out of range [{low}, {high})")
+    elif bool(bad.any()):
         raise_range_error(name, t, low, high, where)
 
 
