@@ -349,9 +349,8 @@ def test_compaction_kernel(T, lab_dtype):
     g = torch.Generator().manual_seed(T)
     tw = torch.rand(T, generator=g) * (torch.rand(T, generator=g) < 0.6)
     labels = torch.randint(0, 200, (T,), generator=g).to(lab_dtype)
-    lse, correct = torch.full((T,), 7.0, device=DEV), torch.ones(T, dtype=torch.bool, device=DEV)
-    err = torch.full((1,), 3, dtype=torch.int32, device=DEV)
-    Tc, rows, rows32, lab_c, tw_c, den = ce_triton._supervised(labels.to(DEV), tw.to(DEV), 200, lse, correct, err)
+    Tc, rows, rows32, lab_c, tw_c, den, lse, correct, err = ce_triton._supervised(labels.to(DEV), tw.to(DEV), 200, True)
+    assert lse.shape == (T,) and correct.shape == (T,) and err.shape == (1,)
     want = torch.nonzero(tw > 0).flatten()
     assert Tc == want.numel() and torch.equal(rows.cpu(), want) and torch.equal(rows32.cpu(), want.int())
     assert torch.equal(lab_c.cpu(), labels[want].int()) and torch.equal(tw_c.cpu(), tw[want])
@@ -359,12 +358,12 @@ def test_compaction_kernel(T, lab_dtype):
     if lab_dtype != torch.uint8 and T:
         bad = labels.clone()
         bad[tw == 0] = -5  # unsupervised: never an error
-        ce_triton._supervised(bad.to(DEV), tw.to(DEV), 200, lse, correct[:0], err)
+        ce_triton._supervised(bad.to(DEV), tw.to(DEV), 200)
         if Tc:
             bad[want[-1]] = 200
             for mode in ("sync", "async"):  # the count is read in the op's sync anyway: both raise
                 with validation(mode), pytest.raises(ValueError, match=r"labels out of range \[0, 200\): 1 bad"):
-                    ce_triton._supervised(bad.to(DEV), tw.to(DEV), 200, lse, correct[:0], err)
+                    ce_triton._supervised(bad.to(DEV), tw.to(DEV), 200)
 
 
 @GPU

@@ -992,27 +992,31 @@ def _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg: CEConfig, sof
     return loss_c.sum()
 
 
-def _supervised(labels: torch.Tensor, tw: torch.Tensor, V: int, lse: torch.Tensor, correct: torch.Tensor, err: torch.Tensor):
+def _supervised(labels: torch.Tensor, tw: torch.Tensor, V: int, return_correct: bool = False):
     """The supervised rows (``tw > 0``) in order -> ``Tc``, ``rows [Tc]`` int64, ``rows32``, their labels
-    (int32) and weights (f32), ``den = Σ tw`` (0-dim); ``lse``, ``correct`` (may be empty) and ``err`` come
-    back zeroed. One launch (``_ce_compact_kernel``), then ONE host sync, which also validates the
-    supervised labels (``set_validation``: "sync" and "async" raise the ValueError here, since the
-    count is read anyway; "off" skips it)."""
+    (int32) and weights (f32), ``den = Σ tw`` (0-dim), and zeroed ``lse [T]`` f32, ``correct [T]`` bool
+    (empty unless return_correct) and ``err [1]`` int32 for the forward to fill. One launch
+    (``_ce_compact_kernel``), then ONE host sync, which also validates the supervised labels
+    (``set_validation``: "sync" and "async" raise the ValueError here, since the count is read anyway;
+    "off" skips it)."""
     T, dev = tw.numel(), tw.device
     rows = torch.empty(T, dtype=torch.int64, device=dev)
     rows32 = torch.empty(T, dtype=torch.int32, device=dev)
     lab_c = torch.empty(T, dtype=torch.int32, device=dev)
     tw_c = torch.empty(T, dtype=torch.float32, device=dev)
     den = torch.empty((), dtype=torch.float32, device=dev)
+    lse = torch.empty(T, dtype=torch.float32, device=dev)
+    correct = torch.empty(T if return_correct else 0, dtype=torch.bool, device=dev)
+    err = torch.empty(1, dtype=torch.int32, device=dev)
     count = torch.empty(2, dtype=torch.int64, device=dev)
     _ce_compact_kernel[(1,)](
         tw.contiguous(), labels.contiguous(), rows, rows32, lab_c, tw_c, lse, correct.view(torch.int8), err, den, count, T, V,
-        BLOCK=1024, RETURN_CORRECT=correct.numel() > 0, num_warps=4,
+        BLOCK=1024, RETURN_CORRECT=return_correct, num_warps=4,
     )
     Tc, n_bad = _read_host(count)
     if n_bad and validation_mode() != "off":
         raise_range_error("labels", labels, 0, V, where=tw > 0)
-    return Tc, rows[:Tc], rows32[:Tc], lab_c[:Tc], tw_c[:Tc], den
+    return Tc, rows[:Tc], rows32[:Tc], lab_c[:Tc], tw_c[:Tc], den, lse, correct, err
 
 
 def _read_host(t: torch.Tensor) -> list:
@@ -1033,12 +1037,9 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
     T, H = hidden.shape
     V = weight.shape[0]
     f32 = torch.float32
-    lse = torch.empty(T, dtype=f32, device=dev)  # lse, correct, err: zeroed by the compaction kernel
-    correct = torch.empty(T if return_correct else 0, dtype=torch.bool, device=dev)
     dh = torch.zeros_like(hidden) if need_dh else hidden.new_empty((0,))
-    err = torch.empty(1, dtype=torch.int32, device=dev)
     # the one host sync: Tc sizes every grid below
-    Tc, rows, rows32, lab_c, tw_c, den = _supervised(labels, token_weights, V, lse, correct, err)
+    Tc, rows, rows32, lab_c, tw_c, den, lse, correct, err = _supervised(labels, token_weights, V, return_correct)
     if Tc == 0:
         return torch.zeros((), dtype=f32, device=dev), den, lse, correct, dh
     dot_dtype = _dot_dtype(hidden, weight)
@@ -1108,10 +1109,7 @@ def _dweight(grad_num, hidden, weight, labels, token_weights, lse, softcap: floa
     dev = hidden.device
     T, H = hidden.shape
     V = weight.shape[0]
-    lse_scratch = torch.empty(T, dtype=torch.float32, device=dev)  # zeroed by the compaction, unused here
-    err = torch.empty(1, dtype=torch.int32, device=dev)
-    # host sync for the count, as in the forward
-    Tc, rows, rows32, lab_c, tw_c, _ = _supervised(labels, token_weights, V, lse_scratch, torch.empty(0, dtype=torch.bool, device=dev), err)
+    Tc, rows, rows32, lab_c, tw_c = _supervised(labels, token_weights, V)[:5]  # host sync for the count, as in the forward
     if Tc == 0:
         return torch.zeros_like(weight)
     dot_dtype = _dot_dtype(hidden, weight)
