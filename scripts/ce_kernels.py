@@ -35,20 +35,15 @@ def per_kernel(fn, calls: int, warm_ms: float):
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    tot, spans = {}, []
+    from ce_timeline import kernel_union
+    tot = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             k = e.name[:70]
             n, t = tot.get(k, (0, 0.0))
             tot[k] = (n + 1, t + e.device_time_total / 1e3)
-            spans.append((e.time_range.start, e.time_range.end))
-    spans.sort()
-    busy, end = 0.0, spans[0][0]
-    for s, e in spans:  # union of kernel intervals: the GPU's busy time
-        busy += max(0.0, e - max(s, end))
-        end = max(end, e)
-    span = (end - spans[0][0]) / 1e3 / calls
-    return {k: (n / calls, t / calls) for k, (n, t) in tot.items()}, span, busy / 1e3 / calls
+    span, busy, _ = kernel_union(prof)
+    return {k: (n / calls, t / calls) for k, (n, t) in tot.items()}, span / calls, busy / calls
 
 
 def show(title, result, top=10):
@@ -62,28 +57,19 @@ def show(title, result, top=10):
 def mm2_layouts(Tb, Vc, H, reps=3):
     """``acc [Tb, H] += P [Tb, Vc] @ W_c [Vc, H]`` (f32 out) as the schedule calls it, and transposed
     (``accT [H, Tb] += W_c^T @ P^T``: the same products, another cuBLAS kernel choice), next to mm1."""
-    bf, f32 = torch.bfloat16, torch.float32
-    h = torch.randn(Tb, H, device="cuda", dtype=bf)
-    w = torch.randn(Vc, H, device="cuda", dtype=bf) * 0.02
-    p = torch.rand(Tb, Vc, device="cuda").to(bf)
-    acc = torch.zeros(Tb, H, device="cuda", dtype=f32)
-    acc_t = torch.zeros(H, Tb, device="cuda", dtype=f32)
-    s = torch.empty(Tb, Vc, device="cuda", dtype=bf)
+    from gpu_cross_entropy import chunk_gemms
+    fns, acc, acc_t = chunk_gemms(Tb, Vc, H)
     fl = 2.0 * Tb * Vc * H
-    fns = {
-        "mm1 S = h @ W_c^T": lambda: torch.mm(h, w.t(), out=s),
-        "mm2 acc += P @ W_c": lambda: torch.addmm(acc, p, w, out_dtype=f32, out=acc),
-        "mm2 accT += W_c^T @ P^T": lambda: torch.addmm(acc_t, w.t(), p.t(), out_dtype=f32, out=acc_t),
-    }
-    for name, fn in fns.items():
+    names = {"mm1": "mm1 S = h @ W_c^T", "mm2": "mm2 acc += P @ W_c", "mm2_t": "mm2 accT += W_c^T @ P^T"}
+    for key, fn in fns.items():
         ts = [do_bench(fn, warmup=25, rep=150, return_mode="median") for _ in range(reps)]
         t = sorted(ts)[len(ts) // 2]
-        print(f"  Tb={Tb} Vc={Vc} H={H} {name:26s} {t * 1e3:7.1f} us {fl / t / 1e9:5.0f} TF/s  (rounds {' '.join(f'{x * 1e3:.1f}' for x in ts)})",
+        print(f"  Tb={Tb} Vc={Vc} H={H} {names[key]:26s} {t * 1e3:7.1f} us {fl / t / 1e9:5.0f} TF/s  (rounds {' '.join(f'{x * 1e3:.1f}' for x in ts)})",
               flush=True)
     # the two layouts agree (same products, f32 accumulate)
     acc.zero_(), acc_t.zero_()
-    fns["mm2 acc += P @ W_c"]()
-    fns["mm2 accT += W_c^T @ P^T"]()
+    fns["mm2"]()
+    fns["mm2_t"]()
     print(f"  layouts agree: max |diff| {(acc - acc_t.t()).abs().max().item():.2e}")
 
 

@@ -30,6 +30,12 @@ def timeline(fn):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
+    return kernel_union(prof)
+
+
+def kernel_union(prof):
+    """A profile's CUDA kernels as one timeline -> span and busy ms (the union of kernel intervals), and
+    the gaps as (us, next kernel's name)."""
     ev = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                 if e.device_type == torch.autograd.DeviceType.CUDA)
     busy, gaps, end = 0.0, [], ev[0][0]

@@ -187,25 +187,10 @@ CONFIGS = {
 
 def profile(T, H, V, frac):
     """GPU time per kernel name over one fwd+bwd of ours (torch.profiler), largest first."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from ce_kernels import per_kernel, show
     h, W, labels, mask, off = make(T, H, V, frac, seed=1)
     h.requires_grad_(True)
-    fn = providers(h, W, labels, mask, off)["ours"]
-    fn()
-    torch.cuda.synchronize()
-    with tprofile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    tot = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            k = e.name[:60]
-            n, t = tot.get(k, (0, 0.0))
-            tot[k] = (n + 1, t + e.device_time_total / 1e3)
-    gpu = sum(t for _, t in tot.values())
-    print(f"profile {CFG_NAME} T={T} sup={frac:.0%}: GPU kernels total {gpu:.3f} ms")
-    for k, (n, t) in sorted(tot.items(), key=lambda kv: -kv[1][1])[:8]:
-        print(f"  {t:8.3f} ms  x{n:<4d} {k}")
+    show(f"profile {CFG_NAME} T={T} sup={frac:.0%}", per_kernel(providers(h, W, labels, mask, off)["ours"], 1, 0.0), top=8)
 
 
 def split_floor(T, H, V, frac, cfg):
@@ -227,27 +212,40 @@ def split_floor(T, H, V, frac, cfg):
     print("time", json.dumps(row), flush=True)
 
 
+def chunk_gemms(Tb, Vc, H):
+    """One chunk's cuBLAS calls of the split schedule on random bf16 data -> ({name: callable}, acc, acc_t):
+    ``mm1`` (``S = h @ W_c^T``), ``mm2`` (``acc += P @ W_c``, f32 out, as the schedule calls it) and
+    ``mm2_t`` (``accT += W_c^T @ P^T``: the same products, another cuBLAS kernel choice)."""
+    f32, bf = torch.float32, torch.bfloat16
+    h = torch.randn(Tb, H, device=DEV, dtype=bf)
+    w = torch.randn(Vc, H, device=DEV, dtype=bf) * 0.02
+    s = torch.empty(Tb, Vc, device=DEV, dtype=bf)
+    p = torch.rand(Tb, Vc, device=DEV).to(bf)
+    acc = torch.zeros(Tb, H, device=DEV, dtype=f32)
+    acc_t = torch.zeros(H, Tb, device=DEV, dtype=f32)
+    fns = {
+        "mm1": lambda: torch.mm(h, w.t(), out=s),
+        "mm2": lambda: torch.addmm(acc, p, w, out_dtype=f32, out=acc),
+        "mm2_t": lambda: torch.addmm(acc_t, w.t(), p.t(), out_dtype=f32, out=acc_t),
+    }
+    return fns, acc, acc_t
+
+
 def gemm_sweep(T, H, V, budget_mib=45):
     """The split schedule's two cuBLAS calls alone, per T-block height ``Tb`` (the chunk width filling
     the budget): TFLOP/s of ``S = h @ W_c^T`` and of ``acc += P @ W_c`` (f32 out). ``acc``'s output
     tiles are only ``Tb x H``, so its wave fill depends on Tb."""
-    f32, bf = torch.float32, torch.bfloat16
     for Tb in (768, 1024, 1152, 1280, 1408, 1536, 1664, 1792, 1920, 2048, 2304):
         Vc = min(V, ((budget_mib << 20) - Tb * H * 4) // (Tb * 2) // 64 * 64)
         if Vc < 1024:
             continue
-        h = torch.randn(Tb, H, device=DEV, dtype=bf)
-        w = torch.randn(Vc, H, device=DEV, dtype=bf) * 0.02
-        s = torch.empty(Tb, Vc, device=DEV, dtype=bf)
-        acc = torch.zeros(Tb, H, device=DEV, dtype=f32)
-        t1 = bench(lambda: torch.mm(h, w.t(), out=s))
-        p = torch.rand(Tb, Vc, device=DEV).to(bf)
-        t2 = bench(lambda: torch.addmm(acc, p, w, out_dtype=f32, out=acc))
+        fns, _, _ = chunk_gemms(Tb, Vc, H)
+        t1, t2 = bench(fns["mm1"]), bench(fns["mm2"])
         fl = 2.0 * Tb * Vc * H
         n = triton.cdiv(T, Tb) * triton.cdiv(V, Vc)
         print(f"gemm Tb={Tb:5d} Vc={Vc:6d}: mm1 {t1 * 1e3:7.1f} us {fl / t1 / 1e9:5.0f} TF/s | mm2 {t2 * 1e3:7.1f} us "
               f"{fl / t2 / 1e9:5.0f} TF/s | x{n} chunks at T={T}: {n * (t1 + t2):.3f} ms", flush=True)
-        del h, w, s, acc, p
+        del fns
     torch.cuda.empty_cache()
 
 
