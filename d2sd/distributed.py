@@ -57,7 +57,11 @@ def setup(device: Optional[str] = None) -> DistInfo:
 
 
 def teardown() -> None:
+    """Leave the process group together: a rank that destroys its group while another still talks to it
+    (rank 0 writing the last checkpoint or report) can abort that rank ("terminate called without an
+    active exception", seen with gloo in CI)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
