@@ -175,14 +175,29 @@ CONFIGS = {
     **{f"split_r{m}x{c}w{w}": ce_triton.CEConfig(rows_m=m, rows_block=c, rows_warps=w)
        for m, c, w in [(2, 1024, 4), (2, 2048, 8), (1, 4096, 8), (1, 2048, 2), (1, 2048, 1), (2, 1024, 2), (1, 1024, 1)]},
     "split_b40": ce_triton.CEConfig(budget=40 << 20),
-    "split_share35": ce_triton.CEConfig(rows_share=0.35),
-    "split_share50": ce_triton.CEConfig(rows_share=0.5),
-    "split_share65": ce_triton.CEConfig(rows_share=0.65),
     "split_rev": ce_triton.CEConfig(rows_reverse=True),
     "split_sk": ce_triton.CEConfig(mm2="streamk"),  # mm2 = the stream-K Triton kernel, K-aligned ranges
     "split_sk_s4": ce_triton.CEConfig(mm2="streamk", mm2_stages=4),
     "split_sk_tile": ce_triton.CEConfig(mm2="streamk", mm2_order="tile"),
+    # T-blocks of N rows, the last one shorter (and its chunks wider); _notail: every block's chunks Vc wide
+    **{f"rows{n}": ce_triton.CEConfig(split_rows=n) for n in (640, 768, 896, 1024, 1152, 1280, 1408, 1536, 1664, 1792, 1920)},
+    "default_notail": ce_triton.CEConfig(),
+    "even": ce_triton.CEConfig(rows_tail=False),  # blocks of equal height: 3 x 1280 at the key shape (the rule before)
+    "nocap": ce_triton.CEConfig(peak_cap=0),  # chunk budget max(45 MiB, 1.5 x stash) at every shape
+    "cap_min16": ce_triton.CEConfig(budget_min=16 << 20),  # the 64 MiB cap also at T=8192 H=2560 (23 MiB of chunks)
+    **{f"wchunk{n}": ce_triton.CEConfig(w_chunk_bytes=n << 20) for n in (32, 64)},
 }
+
+
+def use(cname):
+    """Make ``decayed_cross_entropy`` run config ``cname`` (a CONFIGS key)."""
+    global CFG_NAME
+    CFG_NAME = cname
+    ce_triton._config = lambda dev, dot_dtype, c=CONFIGS[cname]: c
+    ce_triton._block_cols = (lambda tb, Tb, Vc, V: Vc) if cname.endswith("_notail") else BLOCK_COLS
+
+
+BLOCK_COLS = ce_triton._block_cols
 
 
 def profile(T, H, V, frac):
@@ -231,30 +246,57 @@ def chunk_gemms(Tb, Vc, H):
     return fns, acc, acc_t
 
 
-def gemm_sweep(T, H, V, budget_mib=45):
-    """The split schedule's two cuBLAS calls alone, per T-block height ``Tb`` (the chunk width filling
-    the budget): TFLOP/s of ``S = h @ W_c^T`` and of ``acc += P @ W_c`` (f32 out). ``acc``'s output
-    tiles are only ``Tb x H``, so its wave fill depends on Tb."""
-    for Tb in (768, 1024, 1152, 1280, 1408, 1536, 1664, 1792, 1920, 2048, 2304):
+def gemm_sweep(T, H, V, budget_mib=45, heights=range(128, 2049, 128)):
+    """The split schedule's two cuBLAS calls alone, one whole vocabulary sweep per T-block height ``Tb``
+    (chunks as wide as the budget allows, the real ``W [V, H]``, back to back as in the loop): ms of all
+    ``S = h @ W_c^T`` and of all ``acc += P @ W_c`` (f32 out). ``acc``'s output tiles are only ``Tb x H``,
+    so its wave fill depends on Tb; a partition of T into blocks costs the sum of its blocks' rows here."""
+    f32, bf = torch.float32, torch.bfloat16
+    W = torch.randn(V, H, device=DEV, dtype=bf) * 0.02
+    print(f"gemm sweep T={T} H={H} V={V} budget {budget_mib} MiB (whole-V sweeps, do_bench medians)", flush=True)
+    for Tb in heights:
         Vc = min(V, ((budget_mib << 20) - Tb * H * 4) // (Tb * 2) // 64 * 64)
         if Vc < 1024:
             continue
-        fns, _, _ = chunk_gemms(Tb, Vc, H)
-        t1, t2 = bench(fns["mm1"]), bench(fns["mm2"])
-        fl = 2.0 * Tb * Vc * H
-        n = triton.cdiv(T, Tb) * triton.cdiv(V, Vc)
-        print(f"gemm Tb={Tb:5d} Vc={Vc:6d}: mm1 {t1 * 1e3:7.1f} us {fl / t1 / 1e9:5.0f} TF/s | mm2 {t2 * 1e3:7.1f} us "
-              f"{fl / t2 / 1e9:5.0f} TF/s | x{n} chunks at T={T}: {n * (t1 + t2):.3f} ms", flush=True)
-        del fns
+        h = torch.randn(Tb, H, device=DEV, dtype=bf)
+        s = torch.rand(Tb * Vc, device=DEV).to(bf)
+        acc = torch.zeros(Tb, H, device=DEV, dtype=f32)
+        chunks = [(W[v0:v0 + min(Vc, V - v0)], s[:Tb * min(Vc, V - v0)].view(Tb, -1)) for v0 in range(0, V, Vc)]
+
+        def mm1(chunks=chunks, h=h):
+            for w, sc in chunks:
+                torch.mm(h, w.t(), out=sc)
+
+        def mm2(chunks=chunks, acc=acc):
+            for i, (w, sc) in enumerate(chunks):
+                torch.addmm(acc, sc, w, out_dtype=f32, out=acc) if i else torch.mm(sc, w, out_dtype=f32, out=acc)
+
+        t1, t2 = bench(mm1), bench(mm2)
+        fl = 2.0 * Tb * V * H
+        row = {"Tb": Tb, "Vc": Vc, "chunks": len(chunks), "mm1_ms": t1, "mm2_ms": t2}
+        RESULTS.setdefault("gemm_sweep", []).append(dict(row, T=T, H=H, V=V))
+        print(f"gemm Tb={Tb:5d} Vc={Vc:6d} x{len(chunks):3d}: mm1 {t1:6.3f} ms {fl / t1 / 1e9:4.0f} TF/s | mm2 {t2:6.3f} ms "
+              f"{fl / t2 / 1e9:4.0f} TF/s | both per 128 rows {(t1 + t2) * 128 / Tb:.3f} ms", flush=True)
+        del h, s, acc, chunks
+    del W
     torch.cuda.empty_cache()
 
 
-def duel(T, H, V, frac, rounds):
-    """ours vs torch.compile, alternating ``rounds`` times in one process (clock and heat drift hit both)."""
+def duel(T, H, V, frac, rounds, cnames=("default",)):
+    """ours (each config in ``cnames``) vs torch.compile, alternating ``rounds`` times in one process
+    (clock and heat drift hit all)."""
     h, W, labels, mask, off = make(T, H, V, frac, seed=1)
     h.requires_grad_(True)
     prov = providers(h, W, labels, mask, off)
-    fns = {k: prov[k] for k in ("ours", "torch_compile") if k in prov}
+
+    def ours_with(cname):
+        def fn():
+            use(cname)
+            prov["ours"]()
+        return fn
+    fns = {"ours" if len(cnames) == 1 else f"ours[{c}]": ours_with(c) for c in cnames}
+    if "torch_compile" in prov:
+        fns["torch_compile"] = prov["torch_compile"]
     for fn in fns.values():
         fn()
     times = {k: [] for k in fns}
@@ -262,10 +304,13 @@ def duel(T, H, V, frac, rounds):
         for k, fn in fns.items():
             times[k].append(bench(fn))
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    ratio = med.get("torch_compile", float("nan")) / med["ours"]
+    comp = med.get("torch_compile", float("nan"))
+    ratios = {k: comp / m for k, m in med.items() if k != "torch_compile"}
     print(f"duel T={T} H={H} V={V} sup={frac:.0%}: " + " | ".join(f"{k} {' '.join(f'{t:.3f}' for t in v)}" for k, v in times.items())
-          + f" | medians ours {med['ours']:.3f} compile {med.get('torch_compile', float('nan')):.3f} -> {ratio:.3f}x", flush=True)
-    RESULTS.setdefault("duel", []).append({"T": T, "H": H, "V": V, "sup": frac, "times": times, "ratio": ratio})
+          + " | medians " + ", ".join(f"{k} {m:.3f}" for k, m in med.items())
+          + " -> " + ", ".join(f"{k} {r:.3f}x" for k, r in ratios.items()), flush=True)
+    RESULTS.setdefault("duel", []).append({"T": T, "H": H, "V": V, "sup": frac, "times": times, "ratios": ratios})
+    use("default")
     h.grad = None
     torch.cuda.empty_cache()
 
@@ -276,8 +321,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="default", help="'default', 'all' or a comma list of CONFIGS keys")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider (slow to compile)")
-    ap.add_argument("--shapes", default="key", help="'key': T=3584 H=2560 V=151936; 'all': the benchmark grid")
+    ap.add_argument("--shapes", default="key", help="'key': T=3584 H=2560 V=151936; 'all': the benchmark grid; "
+                    "'none': only the config sweep; or 'TxHxV,...'")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--sweep-shape", default="3584x2560x151936", help="TxHxV of the config sweep, --split-plans, "
+                    "--gemm-sweep and the duel's first shape")
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU times of ours for each swept config")
     ap.add_argument("--split-plans", default="", help="forced split plans 'TbxVc,...' timed at the key shape (100%%), "
                     "e.g. '1792x8000,1280x13312,1920x7424' (peak MiB shows whether one fits the 64 MiB)")
@@ -296,10 +344,13 @@ if __name__ == "__main__":
     RESULTS["env"] = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name()}
     print(RESULTS["env"], flush=True)
     torch.manual_seed(0)
+    KEY = tuple(map(int, ARGS.sweep_shape.split("x")))
     if ARGS.gemm_sweep:
-        gemm_sweep(3584, 2560, 151936)
-        gemm_sweep(8192, 4096, 262144)
-        sys.exit(0)
+        gemm_sweep(*KEY)
+        if ARGS.extra:
+            gemm_sweep(8192, 4096, 262144)
+        if not ARGS.duel and ARGS.configs == "default":
+            sys.exit(0)
     if ARGS.budgets:
         for spec in filter(None, ARGS.extra.split(",")):
             T, H, V = map(int, spec.split("x"))
@@ -313,11 +364,10 @@ if __name__ == "__main__":
             time_shape(T, H, V, 1.0, ("torch_compile",))
         sys.exit(0)
     if ARGS.duel:
-        if ARGS.configs != "default":  # one named config
-            ce_triton._config = lambda dev, dot_dtype, c=CONFIGS[ARGS.configs]: c
-        for (T, H, V) in [(3584, 2560, 151936)] + [tuple(map(int, e.split("x"))) for e in filter(None, ARGS.extra.split(","))]:
+        cnames = ARGS.configs.split(",")  # ours with each, side by side
+        for (T, H, V) in [KEY] + [tuple(map(int, e.split("x"))) for e in filter(None, ARGS.extra.split(","))]:
             for frac in (1.0, 0.5):
-                duel(T, H, V, frac, ARGS.duel)
+                duel(T, H, V, frac, ARGS.duel, cnames)
         json.dump(RESULTS, open(os.path.join(OUT, "gpu_cross_entropy_duel.json"), "w"), indent=1)
         sys.exit(0)
 
@@ -330,23 +380,24 @@ if __name__ == "__main__":
             except Exception as e:
                 print("CHECK FAILED", args, repr(e)[:400], flush=True)
                 traceback.print_exc()
-    shapes = [(3584, 2560, 151936)]
+    shapes = [] if ARGS.shapes == "none" else [(3584, 2560, 151936)]
     if ARGS.shapes == "all":
         shapes = [(T, H, V) for T in (3584, 8192) for H in (2560, 4096) for V in (151936, 262144)]
+    elif "x" in ARGS.shapes:
+        shapes = [tuple(map(int, e.split("x"))) for e in ARGS.shapes.split(",")]
     names = list(CONFIGS) if ARGS.configs == "all" else ([] if ARGS.configs == "default" else ARGS.configs.split(","))
     # sweep our configs first at the key shape, then everyone with the best one
     best = None
     for cname in names:
-        CFG_NAME = cname
-        ce_triton._config = lambda dev, dot_dtype, c=CONFIGS[cname]: c
+        use(cname)
         checks()  # every config swept is checked too
-        r = time_shape(3584, 2560, 151936, 1.0, ("ours",))  # the harder case decides
-        time_shape(3584, 2560, 151936, 0.5, ("ours",))
+        r = time_shape(*KEY, 1.0, ("ours",))  # the harder case decides
+        time_shape(*KEY, 0.5, ("ours",))
         if CONFIGS[cname].schedule == "split":
             for frac in (1.0, 0.5):
-                split_floor(3584, 2560, 151936, frac, CONFIGS[cname])
+                split_floor(*KEY, frac, CONFIGS[cname])
         if ARGS.profile:
-            profile(3584, 2560, 151936, 1.0)
+            profile(*KEY, 1.0)
         if "ours" in r and (best is None or r["ours"][0] < best[1]):
             best = (cname, r["ours"][0])
     for spec in filter(None, ARGS.split_plans.split(",")):
@@ -358,13 +409,12 @@ if __name__ == "__main__":
         orig_plan = ce_triton._plan_split
         ce_triton._plan_split = lambda Tc, H, V, itemsize, cfg, need_dh, gather, p=(Tb, Vc): (min(Tc, p[0]), min(V, p[1]))
         try:
-            time_shape(3584, 2560, 151936, 1.0, ("ours",))
-            split_floor(3584, 2560, 151936, 1.0, cfg)
+            time_shape(*KEY, 1.0, ("ours",))
+            split_floor(*KEY, 1.0, cfg)
         finally:
             ce_triton._plan_split = orig_plan
     if best is not None:
-        CFG_NAME = best[0]
-        ce_triton._config = lambda dev, dot_dtype, c=CONFIGS[best[0]]: c
+        use(best[0])
         print("best config", best, flush=True)
     if best is None:
         checks()  # no sweep: check the default config

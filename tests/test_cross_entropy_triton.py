@@ -20,6 +20,7 @@ from tests.utils import rel_err
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+MiB = 1 << 20
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -85,6 +86,71 @@ def test_plan_split_respects_budget():
                 assert Tb * (per_row + 2 * Vc) <= cfg.budget or Vc == 64 or Tb == cfg.block_m
                 if not need_dh and not gather:
                     assert Tb == Tc
+
+
+@pytest.mark.parametrize("T,H,V,frac,want", [
+    (3584, 2560, 151936, 1.0, (1536, 10368)),  # 45.5 MiB: 1536 + 1536 + 512 (the last block's chunks 30400 wide)
+    (3584, 2560, 151936, 0.5, (1280, 10944)),  # ~50% supervised, rows gathered: 1280 + 512
+    (3584, 4096, 151936, 1.0, (1280, 6144)),  # 35 MiB: 1280 + 1280 + 1024
+    (8192, 4096, 262144, 1.0, (2048, 16384)),  # the stash (64 MiB) leaves no room under the cap: 96 MiB
+    (8192, 2560, 151936, 1.0, (2048, 10240)),  # 60 MiB
+])
+def test_plan_split_blocks_at_the_benchmark_shapes(T, H, V, frac, want):
+    """The split plan with a stash at the shapes it was timed at on the H200 (CEConfig's comments), and
+    the budget that keeps stash + chunks within the 64 MiB cap where the stash leaves room for it."""
+    cfg = ce_triton.CEConfig()
+    stash = T * H * 2
+    budget = ce_triton._stash_budget(stash, cfg)
+    if stash + 32 * MiB <= 64 * MiB:
+        assert stash + budget < 64 * MiB
+    else:
+        assert budget == max(45 * MiB, min(int(1.5 * stash), 1 << 30))
+    Tc = int(T * frac)
+    cfg = dataclasses.replace(cfg, budget=budget)
+    assert ce_triton._plan_split(Tc, H, V, 2, cfg, True, Tc < T) == want
+    assert ce_triton._plan_split(Tc, H, V, 2, dataclasses.replace(cfg, rows_tail=False), True, Tc < T)[0] <= want[0]
+    assert ce_triton._stash_budget(stash, dataclasses.replace(cfg, peak_cap=0, budget=45 * MiB)) == max(
+        45 * MiB, min(int(1.5 * stash), 1 << 30))
+
+
+def test_block_cols_fill_the_same_buffer():
+    """A shorter last T-block takes wider chunks, as even as the buffer allows: never more elements
+    than ``Tb x Vc``, a multiple of 64 (or all of V), never narrower than ``Vc``."""
+    for tb, Tb, Vc, V in [(1024, 1280, 13312, 151936), (256, 1664, 9024, 151936), (1, 32, 100, 257),
+                          (343, 384, 1000, 20011), (1280, 1280, 13312, 151936), (10, 384, 1000, 1000)]:
+        vc = ce_triton._block_cols(tb, Tb, Vc, V)
+        assert Vc <= vc <= V and tb * vc <= Tb * Vc and (vc == V or vc % 64 == 0), (tb, Tb, Vc, V, vc)
+        if tb == Tb:
+            assert vc == Vc
+    assert ce_triton._block_cols(1024, 1280, 13312, 151936) == 15232  # 10 chunks instead of 12
+
+
+@pytest.mark.parametrize("how", ["split_rows", "w_chunk_bytes"])
+def test_split_rows_blocks_and_wider_tail_chunks(how, poison, monkeypatch):
+    """T-blocks of ``split_rows`` rows (or as tall as chunks of ``w_chunk_bytes`` allow) and a shorter
+    last one, whose chunks are wider (same buffer); forward and both gradients match float64."""
+    bm = ce_triton._config(torch.device(DEV), torch.float16).block_m
+    H, V, per_row = 64, 1000, 6 * 64  # acc f32 + gathered h fp16
+    budget = 2 * bm * per_row + 2 * bm * 2 * 192  # T-blocks of 2 bm rows x chunks of 192 columns
+    if how == "split_rows":
+        use_config(monkeypatch, schedule="split", split_rows=2 * bm, budget=budget, peak_cap=0, budget_per_stash=0.0)
+    else:
+        use_config(monkeypatch, schedule="split", budget=budget, peak_cap=0, budget_per_stash=0.0, w_chunk_bytes=192 * H * 2)
+    widths = []
+    rows_pass = ce_triton._rows_pass
+    monkeypatch.setattr(ce_triton, "_rows_pass", lambda s, *a: widths.append(tuple(s.shape)) or rows_pass(s, *a))
+    h, W, labels, mask, off = make_case((int(4.7 * bm),), H, V, torch.float16, frac=0.6, seed=3)
+    num, den, cor, dh, dw = run(h, W, labels, mask, off, softcap=30.0)
+    rnum, rden, rcor, rdh, rdw = reference(h, W, labels, mask, off, softcap=30.0)
+    assert_like_torch("fp16", (num, dh, dw), torch_lowp(h, W, labels, mask, off, softcap=30.0), (rnum, rdh, rdw))
+    assert torch.equal(cor.cpu(), rcor.cpu())
+    Tc = int(mask.sum())
+    tail_rows = Tc % (2 * bm)
+    full = [w for (r, w) in widths if r == 2 * bm]  # the dW pass's chunks have all Tc rows
+    tail = [w for (r, w) in widths if r == tail_rows]
+    assert tail_rows and full[:6] == [192, 192, 192, 192, 192, 40], widths
+    vc = ce_triton._block_cols(tail_rows, 2 * bm, 192, V)
+    assert vc > 192 and tail == [vc] * (V // vc) + ([V % vc] if V % vc else []), widths
 
 
 def triton_cdiv(a, b):
@@ -326,10 +392,12 @@ def test_unsupervised_labels_are_never_read():
         decayed_cross_entropy(h, W, bad, mask, off, gamma=4.0, backend="triton")
 
 
-def test_split_budget_grows_with_the_stash(monkeypatch):
-    """With a d hidden stash the split schedule's chunk budget is max(budget, budget_per_stash x stash bytes);
-    without one (no grad) it stays ``budget``."""
-    cfg = dataclasses.replace(ce_triton._config(torch.device(DEV), torch.float16), budget=4096)
+@pytest.mark.parametrize("cap", [0, 64 * MiB])
+def test_split_budget_grows_with_the_stash(cap, monkeypatch):
+    """With a d hidden stash the split schedule's chunk budget is what the peak cap leaves next to it
+    (cap - stash - 1 MiB) or, with no cap, max(budget, budget_per_stash x stash bytes); without a stash
+    (no grad) it stays ``budget``."""
+    cfg = dataclasses.replace(ce_triton._config(torch.device(DEV), torch.float16), budget=4096, peak_cap=cap)
     monkeypatch.setattr(ce_triton, "_config", lambda dev, dt: cfg)
     seen = []
     plan = ce_triton._plan_split
@@ -338,7 +406,7 @@ def test_split_budget_grows_with_the_stash(monkeypatch):
     decayed_cross_entropy(h.requires_grad_(), W, labels, mask, off, gamma=4.0, backend="triton")[0].backward()
     with torch.no_grad():
         decayed_cross_entropy(h, W, labels, mask, off, gamma=4.0, backend="triton")
-    assert seen == [int(1.5 * 64 * 64 * 2), 4096], seen
+    assert seen == [cap - 64 * 64 * 2 - MiB if cap else int(1.5 * 64 * 64 * 2), 4096], seen
 
 
 @pytest.mark.parametrize("T", [0, 1, 7, 1024, 2500])
@@ -381,6 +449,38 @@ def test_gpu_bf16_acceptance(V, softcap, schedule, poison):
     rnum, rden, rcor, rdh, rdw = reference(h, W, labels, mask, off, softcap=softcap)
     assert_like_torch("bf16", (num, dh, dw), torch_lowp(h, W, labels, mask, off, softcap=softcap), (rnum, rdh, rdw))
     assert (cor == rcor).float().mean() > 0.99  # near-ties may flip in bf16
+
+
+def test_backward_through_den_alone():
+    """``den`` carries no gradient to hidden: a backward through it alone gives none (num's grad is None
+    there: unused outputs' grads are not zero-filled)."""
+    h, W, labels, mask, off = make_case((9,), 64, 257, torch.float16, seed=2)
+    h = h.requires_grad_(True)
+    num, den = decayed_cross_entropy(h, W, labels, mask, off, gamma=4.0, backend="triton")
+    (2 * den).backward()
+    assert h.grad is None
+    num, den = decayed_cross_entropy(h, W, labels, mask, off, gamma=4.0, backend="triton")
+    (num + den).backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all()
+
+
+@GPU
+def test_gpu_backward_holds_two_gradients_at_most():
+    """Backward's peak: the d hidden stash and its scaled copy, nothing more (no zero-filled grad for
+    the stash output)."""
+    h, W, labels, mask, off = make_case((2048,), 1024, 32000, torch.bfloat16, frac=1.0, seed=4, wscale=0.02)
+    h = h.requires_grad_(True)
+    for _ in range(2):  # the second call: cuBLAS workspaces and Triton caches exist already
+        h.grad = None
+        num, den = decayed_cross_entropy(h, W, labels, mask, off, gamma=4.0, backend="triton")
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        (num / (den + 1e-6)).backward()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+    grad_bytes = h.numel() * h.element_size()
+    assert extra <= 1.1 * grad_bytes, f"backward allocated {extra / grad_bytes:.2f} gradients beyond the stash"
 
 
 def test_custom_op_traces_fullgraph():
@@ -496,7 +596,9 @@ def test_streamk_range_of_matches_enumeration(total, n_r):
 
 
 def streamk_cfg(**changes):
-    cfg = ce_triton._config(torch.device(DEV), torch.float16)
+    """The stream-K kernel with the interpreter's small tiles on any device: the cases below are built for
+    16 x 32 x 16 tiles and 5 programs (``test_gpu_mm2_streamk`` runs the GPU's tiles)."""
+    cfg = ce_triton._config(torch.device("cpu"), torch.float16)
     return dataclasses.replace(cfg, mm2="streamk", **changes)
 
 

@@ -88,13 +88,25 @@ class CEConfig:
     rows_warps: int = 4
     rows_prefetch: bool = True  # the next column tile's load in flight during this one's math
     rows_reverse: bool = False  # row pass from the last row up (the logits the matmul wrote last may sit in L2)
-    # split with a d hidden stash: the chunk buffers may grow to this multiple of the stash's bytes when
-    # that exceeds ``budget`` (large T x H: fewer T-blocks, so W is streamed fewer times; the peak is then
-    # set by the stash, the returned gradient and its accumulation, not by the chunks). H200, T=8192
-    # H=4096 V=262144, 100%: 45 MiB 58.2 ms, 96 MiB 54.8 ms, peak 192 MiB either way
+    # split with a d hidden stash ([T, H], the returned gradient): the chunk budget is what keeps the
+    # call's peak within ``peak_cap`` (stash + chunks), when that leaves at least ``budget_min``;
+    # otherwise (a stash too large for the cap) the chunk buffers may grow to ``budget_per_stash`` x the
+    # stash's bytes (fewer T-blocks, so W is streamed fewer times). H200, T=8192 H=4096 V=262144, 100%:
+    # 45 MiB 58.2 ms, 96 MiB 54.8 ms, peak 192 MiB either way. peak_cap 0: ``budget`` (or the growth)
+    peak_cap: int = 64 * _MiB
+    budget_min: int = 32 * _MiB
     budget_per_stash: float = 1.5
-    rows_share: float = 0.35  # split: at most this share of the budget for the per-row buffers (acc, h);
-    # 0.35 (T=3584: 3 T-blocks of 1280, chunks of 13312) and 0.5 (2 x 1792, 8000) time the same on the H200
+    # split, with a d hidden stash: T-blocks as tall as the budget allows (at most ``max_rows``) with
+    # chunks whose W slice holds ``w_chunk_bytes`` (``Vc x H`` elements), the last block shorter and its
+    # chunks wider (``_block_cols``); a last block under a quarter of that height, or ``rows_tail=False``:
+    # blocks of equal height instead. H200, 100%, alternating rounds against torch.compile: T=3584 H=2560
+    # (45 MiB) 1536+1536+512 rows beat 3 x 1280 (the old equal-height rule) in 5 of 5 rounds, 9.71 vs 10.11
+    # ms (compile 10.18); T=3584 H=4096 (35 MiB) 1280+1280+1024 14.49 ms, 4 x 896 14.99 (compile 14.65)
+    w_chunk_bytes: int = 48 * _MiB
+    max_rows: int = 2048
+    rows_tail: bool = True
+    rows_share: float = 0.35  # split without a stash: at most this share of the budget for the gathered rows
+    split_rows: int = 0  # split: force T-blocks of this many rows (a multiple of block_m; the last takes the rest)
     # split: who runs ``acc += P @ W[chunk]``. "cublas" (addmm, f32 out), or "streamk": the Triton
     # stream-K kernel ``_mm2_streamk_kernel`` (every SM the same share of the K iterations: at the key
     # shape cuBLAS's 128 x 256 tiles give 100 tiles for 132 SMs). Deterministic either way
@@ -838,14 +850,42 @@ def _plan(Tc: int, H: int, V: int, p_bytes: int, cfg: CEConfig, write_p: bool) -
 
 def _plan_split(Tc: int, H: int, V: int, itemsize: int, cfg: CEConfig, need_dh: bool, gather: bool) -> tuple[int, int]:
     """Split schedule: rows per T-block ``Tb`` and logits columns per chunk ``Vc`` (a multiple of 64)
-    within the budget: ``acc [Tb, H]`` f32 (need_dh) + gathered ``h [Tb, H]`` (gather) + ``S [Tb, Vc]``."""
+    within the budget: ``acc [Tb, H]`` f32 (need_dh) + gathered ``h [Tb, H]`` (gather) + ``S [Tb, Vc]``.
+    The last block may be shorter (its chunks are then wider: ``_block_cols``)."""
     bm = cfg.block_m
     per_row = (4 * H if need_dh else 0) + (itemsize * H if gather else 0)
-    tb_cap = max(bm, int(cfg.budget * cfg.rows_share) // max(per_row, 1) // bm * bm)
-    n_blocks = triton.cdiv(Tc, tb_cap)
-    Tb = min(Tc, triton.cdiv(triton.cdiv(Tc, n_blocks), bm) * bm)
+    if cfg.split_rows:
+        assert cfg.split_rows % bm == 0, (cfg.split_rows, bm)
+        Tb = min(Tc, cfg.split_rows)
+    elif need_dh:  # as tall as chunks of w_chunk_bytes allow; no short stub of a last block
+        min_cols = min(V, cfg.w_chunk_bytes // (H * itemsize))
+        tb_max = max(bm, min(cfg.max_rows, cfg.budget // (per_row + itemsize * min_cols)) // bm * bm)
+        n_blocks = triton.cdiv(Tc, tb_max)
+        tail = Tc - (n_blocks - 1) * tb_max
+        even = not cfg.rows_tail or 4 * tail < tb_max
+        Tb = min(Tc, triton.cdiv(triton.cdiv(Tc, n_blocks), bm) * bm if even else tb_max)
+    else:  # forward only: S is the one big buffer, one block unless the gathered rows need more
+        tb_cap = max(bm, int(cfg.budget * cfg.rows_share) // max(per_row, 1) // bm * bm)
+        Tb = min(Tc, triton.cdiv(triton.cdiv(Tc, triton.cdiv(Tc, tb_cap)), bm) * bm)
     Vc = max(64, (cfg.budget - Tb * per_row) // (Tb * itemsize) // 64 * 64)
     return Tb, min(Vc, V)
+
+
+def _stash_budget(stash: int, cfg: CEConfig) -> int:
+    """The split schedule's chunk budget next to a d hidden stash of ``stash`` bytes (CEConfig.peak_cap)."""
+    room = cfg.peak_cap - stash - _MiB  # 1 MiB for the per-row vectors (rows, labels, lse, ...)
+    if cfg.peak_cap and room >= cfg.budget_min:
+        return room
+    return max(cfg.budget, min(int(cfg.budget_per_stash * stash), 1 << 30))  # < 2^31 elements per buffer
+
+
+def _block_cols(tb: int, Tb: int, Vc: int, V: int) -> int:
+    """Logits columns per chunk for a T-block of ``tb <= Tb`` rows: a shorter last block fills the same
+    ``Tb x Vc`` buffer with wider chunks (fewer, so W is read in fewer, longer matmuls), kept even."""
+    if tb >= Tb or Vc >= V:
+        return Vc
+    cap = min(V, Tb * Vc // tb // 64 * 64)
+    return min(cap, triton.cdiv(triton.cdiv(V, triton.cdiv(V, cap)), 64) * 64)
 
 
 def _mm_f32(acc: torch.Tensor, p: torch.Tensor, w: torch.Tensor, accumulate: bool) -> None:
@@ -961,8 +1001,7 @@ def _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg: CEConfig, sof
     f32 = torch.float32
     gather = Tc != T  # all supervised: rows == arange(T), so T-blocks are plain slices of hidden
     if need_dh:
-        grown = min(int(cfg.budget_per_stash * T * H * hidden.element_size()), 1 << 30)  # < 2^31 elements per buffer
-        cfg = dataclasses.replace(cfg, budget=max(cfg.budget, grown))
+        cfg = dataclasses.replace(cfg, budget=_stash_budget(T * H * hidden.element_size(), cfg))
     Tb, Vc = _plan_split(Tc, H, V, hidden.element_size(), cfg, need_dh, gather)
     s_buf = _empty((Tb * Vc,), hidden.dtype, dev)
     h_buf = _empty((Tb, H), hidden.dtype, dev) if gather else None
@@ -977,8 +1016,9 @@ def _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg: CEConfig, sof
         tb = min(Tb, Tc - t0)
         r_blk, l_blk, w_blk = rows32[t0:t0 + tb], lab_c[t0:t0 + tb], tw_c[t0:t0 + tb]
         h_blk = torch.index_select(hidden, 0, rows[t0:t0 + tb], out=h_buf[:tb]) if gather else hidden[t0:t0 + tb]
-        for v0 in range(0, V, Vc):
-            width = min(Vc, V - v0)
+        vc = _block_cols(tb, Tb, Vc, V)
+        for v0 in range(0, V, vc):
+            width = min(vc, V - v0)
             s = s_buf[:tb * width].view(tb, width)  # contiguous for cuBLAS, also the last chunk
             w_chunk = weight[v0:v0 + width]
             torch.mm(h_blk, w_chunk.t(), out=s)
