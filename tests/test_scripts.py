@@ -37,7 +37,8 @@ def test_kernel_regs_help():
 
 @pytest.mark.parametrize("script,flag", [("scripts/gemm_probe.py", "--cpu-check"), ("scripts/ce_timeline.py", "--frac"),
                                          ("scripts/gpu_cross_entropy.py", "--duel"), ("scripts/ce_kernels.py", "--warm-ms"),
-                                         ("scripts/mm2_probe.py", "--shapes")])
+                                         ("scripts/mm2_probe.py", "--shapes"), ("scripts/ce_memory.py", "--shapes"),
+                                         ("scripts/gpu_cross_entropy.py", "--sweep-shape")])
 def test_gpu_scripts_help(script, flag):
     """The device-side scripts answer --help on a CPU box (their GPU work starts after parsing)."""
     p = _run(script, "--help")
