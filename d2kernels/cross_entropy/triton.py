@@ -71,8 +71,9 @@ class CEConfig:
     block_h: int = 256  # hidden columns per B tile
     num_warps: int = 8
     num_stages: int = 4  # H200 sweeps: n256/h256/s4 beat h128, n128 and s3 (benchmarks/RESULTS_cross_entropy.md)
-    # fused: acc [Tb, H] f32 + P [Tb, Vc]; split: acc + gathered h [Tb, H] + S [Tb, Vc]. With the
-    # [T, H] d hidden stash next to it, 45 MiB keeps the key shape's peak at 62-63 MiB (<= 64)
+    # fused: acc [Tb, H] f32 + P [Tb, Vc]; split: acc + gathered h [Tb, H] + S [Tb, Vc]. The split
+    # schedule with a d hidden stash sizes its chunks by ``peak_cap`` instead (``_stash_budget``; at
+    # least this budget when the stash leaves no room under the cap)
     budget: int = 45 * _MiB
     stats_cols: int = 64  # stats columns per chunk when no P is written (forward only)
     finalize_m: int = 32
@@ -92,7 +93,9 @@ class CEConfig:
     # call's peak within ``peak_cap`` (stash + chunks), when that leaves at least ``budget_min``;
     # otherwise (a stash too large for the cap) the chunk buffers may grow to ``budget_per_stash`` x the
     # stash's bytes (fewer T-blocks, so W is streamed fewer times). H200, T=8192 H=4096 V=262144, 100%:
-    # 45 MiB 58.2 ms, 96 MiB 54.8 ms, peak 192 MiB either way. peak_cap 0: ``budget`` (or the growth)
+    # 45 MiB 58.2 ms, 96 MiB 54.8 ms (peak 160 MiB: stash + chunks); the cap there (no room: the stash is
+    # 64 MiB) cannot hold, and at T=8192 H=2560 its 23 MiB of chunks lose to torch.compile (0.93x).
+    # peak_cap 0: always the growth rule
     peak_cap: int = 64 * _MiB
     budget_min: int = 32 * _MiB
     budget_per_stash: float = 1.5
