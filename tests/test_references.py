@@ -145,7 +145,7 @@ def test_cross_entropy_all_masked_is_zero():
     W = torch.randn(11, 8, requires_grad=True)
     num, den = decayed_cross_entropy(h, W, torch.full((4,), -100), torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long), gamma=4.0, backend="torch")
     num.backward()
-    assert float(num) == 0 and float(den) == 0
+    assert num.item() == 0 and den.item() == 0
     assert h.grad.eq(0).all() and W.grad.eq(0).all()
 
 
