@@ -120,7 +120,7 @@ def main():
         show(f"ours, chunk loop as a CUDA graph (replay {wall:.3f} ms)", per_kernel(g.replay, a.calls, a.warm_ms))
     if a.mm2:
         Tc = int((w > 0).sum())
-        Tb, Vc = ce._plan_split(Tc, H, V, 2, ce.CEConfig(), True, Tc != T)
+        Tb, Vc = ce._split_plan(T, Tc, H, V, 2, ce.CEConfig(), True)
         print(f"chunk plan Tb={Tb} Vc={Vc} ({triton.cdiv(Tc, Tb)} T-blocks x {triton.cdiv(V, Vc)} chunks)")
         mm2_layouts(Tb, Vc, H)
 

@@ -174,7 +174,7 @@ CONFIGS = {
     "fused_b40": ce_triton.CEConfig(schedule="fused", budget=40 << 20),
     **{f"split_r{m}x{c}w{w}": ce_triton.CEConfig(rows_m=m, rows_block=c, rows_warps=w)
        for m, c, w in [(2, 1024, 4), (2, 2048, 8), (1, 4096, 8), (1, 2048, 2), (1, 2048, 1), (2, 1024, 2), (1, 1024, 1)]},
-    "split_b40": ce_triton.CEConfig(budget=40 << 20),
+    "split_b40": ce_triton.CEConfig(budget=40 << 20, peak_cap=0, budget_per_stash=0.0),
     "split_rev": ce_triton.CEConfig(rows_reverse=True),
     "split_sk": ce_triton.CEConfig(mm2="streamk"),  # mm2 = the stream-K Triton kernel, K-aligned ranges
     "split_sk_s4": ce_triton.CEConfig(mm2="streamk", mm2_stages=4),
@@ -187,6 +187,11 @@ CONFIGS = {
     "cap_min16": ce_triton.CEConfig(budget_min=16 << 20),  # the 64 MiB cap also at T=8192 H=2560 (23 MiB of chunks)
     **{f"wchunk{n}": ce_triton.CEConfig(w_chunk_bytes=n << 20) for n in (32, 64)},
 }
+
+
+def fixed_budget(mib):
+    """A config whose chunk budget is exactly ``mib`` MiB (no 64 MiB cap, no growth with the stash)."""
+    return ce_triton.CEConfig(budget=mib << 20, peak_cap=0, budget_per_stash=0.0)
 
 
 def use(cname):
@@ -214,7 +219,7 @@ def split_floor(T, H, V, frac, cfg):
     h, W, labels, mask, off = make(T, H, V, frac, seed=1)
     w = decay_weights(mask, off, 4.0)
     Tc = int((w > 0).sum())
-    Tb, Vc = ce_triton._plan_split(Tc, H, V, 2, cfg, True, Tc != T)
+    Tb, Vc = ce_triton._split_plan(T, Tc, H, V, 2, cfg, True)
     rows_pass, finalize = ce_triton._rows_pass, ce_triton._finalize
     ce_triton._rows_pass = ce_triton._finalize = lambda *a, **k: None
     try:
@@ -329,7 +334,8 @@ if __name__ == "__main__":
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU times of ours for each swept config")
     ap.add_argument("--split-plans", default="", help="forced split plans 'TbxVc,...' timed at the key shape (100%%), "
                     "e.g. '1792x8000,1280x13312,1920x7424' (peak MiB shows whether one fits the 64 MiB)")
-    ap.add_argument("--budget-mib", type=int, default=0, help="override CEConfig.budget (the chunk buffers of either schedule)")
+    ap.add_argument("--budget-mib", type=int, default=0, help="override CEConfig.budget (the chunk buffers of "
+                    "either schedule; no 64 MiB cap, no growth with the stash)")
     ap.add_argument("--extra", default="", help="more shapes for ours + torch.compile only, e.g. '8192x4096x262144'")
     ap.add_argument("--budgets", default="", help="comma list of CEConfig.budget values in MiB: ours at each "
                     "(100%% and ~50%%) and torch.compile once, at the --extra shapes, then exit")
@@ -338,9 +344,9 @@ if __name__ == "__main__":
                     "plus --extra shapes), then exit")
     ARGS = ap.parse_args()
     if ARGS.budget_mib:
-        for c in CONFIGS.values():
-            c.budget = ARGS.budget_mib << 20
-        ce_triton._config = lambda dev, dot_dtype, c=ce_triton.CEConfig(budget=ARGS.budget_mib << 20): c
+        for c in CONFIGS.values():  # exactly this budget for every swept config too
+            c.budget, c.peak_cap, c.budget_per_stash = ARGS.budget_mib << 20, 0, 0.0
+        ce_triton._config = lambda dev, dot_dtype, c=fixed_budget(ARGS.budget_mib): c
     RESULTS["env"] = {"torch": torch.__version__, "triton": triton.__version__, "gpu": torch.cuda.get_device_name()}
     print(RESULTS["env"], flush=True)
     torch.manual_seed(0)
@@ -356,7 +362,7 @@ if __name__ == "__main__":
             T, H, V = map(int, spec.split("x"))
             for mib in map(int, ARGS.budgets.split(",")):
                 CFG_NAME = f"budget {mib} MiB"
-                ce_triton._config = lambda dev, dot_dtype, c=ce_triton.CEConfig(budget=mib << 20): c
+                ce_triton._config = lambda dev, dot_dtype, c=fixed_budget(mib): c
                 for frac in (1.0, 0.5):
                     time_shape(T, H, V, frac, ("ours",))
             CFG_NAME = "default"

@@ -108,6 +108,7 @@ def test_plan_split_blocks_at_the_benchmark_shapes(T, H, V, frac, want):
     Tc = int(T * frac)
     cfg = dataclasses.replace(cfg, budget=budget)
     assert ce_triton._plan_split(Tc, H, V, 2, cfg, True, Tc < T) == want
+    assert ce_triton._split_plan(T, Tc, H, V, 2, ce_triton.CEConfig(), True) == want  # what the forward runs
     assert ce_triton._plan_split(Tc, H, V, 2, dataclasses.replace(cfg, rows_tail=False), True, Tc < T)[0] <= want[0]
     assert ce_triton._stash_budget(stash, dataclasses.replace(cfg, peak_cap=0, budget=45 * MiB)) == max(
         45 * MiB, min(int(1.5 * stash), 1 << 30))

@@ -882,6 +882,14 @@ def _stash_budget(stash: int, cfg: CEConfig) -> int:
     return max(cfg.budget, min(int(cfg.budget_per_stash * stash), 1 << 30))  # < 2^31 elements per buffer
 
 
+def _split_plan(T: int, Tc: int, H: int, V: int, itemsize: int, cfg: CEConfig, need_dh: bool) -> tuple[int, int]:
+    """The split schedule's ``(Tb, Vc)`` for ``Tc`` of ``T`` rows supervised: ``_plan_split`` within the
+    chunk budget, which with a d hidden stash ``[T, H]`` is ``_stash_budget``'s."""
+    if need_dh:
+        cfg = dataclasses.replace(cfg, budget=_stash_budget(T * H * itemsize, cfg))
+    return _plan_split(Tc, H, V, itemsize, cfg, need_dh, Tc != T)
+
+
 def _block_cols(tb: int, Tb: int, Vc: int, V: int) -> int:
     """Logits columns per chunk for a T-block of ``tb <= Tb`` rows: a shorter last block fills the same
     ``Tb x Vc`` buffer with wider chunks (fewer, so W is read in fewer, longer matmuls), kept even."""
@@ -1003,9 +1011,7 @@ def _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg: CEConfig, sof
     Tc = rows.numel()
     f32 = torch.float32
     gather = Tc != T  # all supervised: rows == arange(T), so T-blocks are plain slices of hidden
-    if need_dh:
-        cfg = dataclasses.replace(cfg, budget=_stash_budget(T * H * hidden.element_size(), cfg))
-    Tb, Vc = _plan_split(Tc, H, V, hidden.element_size(), cfg, need_dh, gather)
+    Tb, Vc = _split_plan(T, Tc, H, V, hidden.element_size(), cfg, need_dh)
     s_buf = _empty((Tb * Vc,), hidden.dtype, dev)
     h_buf = _empty((Tb, H), hidden.dtype, dev) if gather else None
     acc = _empty((Tb, H) if need_dh else (1,), f32, dev)
