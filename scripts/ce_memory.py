@@ -16,6 +16,9 @@ import torch
 sys.path.insert(0, os.getcwd())
 from d2kernels.cross_entropy import decayed_cross_entropy  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_cross_entropy import make  # noqa: E402  (the same random inputs as the benchmark)
+
 MiB = 2 ** 20
 
 
@@ -46,19 +49,15 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for spec in a.shapes.split(","):
         T, H, V = map(int, spec.split("x"))
-        g = torch.Generator(device="cuda").manual_seed(0)
-        h = torch.randn(T, H, device="cuda", generator=g).bfloat16().requires_grad_(True)
-        W = (torch.randn(V, H, device="cuda", generator=g) * 0.02).bfloat16()
-        labels = torch.randint(0, V, (T,), device="cuda", generator=g)
-        off = torch.arange(T, device="cuda") % 7
         for frac in (1.0, 0.5):
-            mask = torch.rand(T, device="cuda", generator=g) < frac
+            h, W, labels, mask, off = make(T, H, V, frac, seed=1)
+            h.requires_grad_(True)
             phase_peaks(h, W, labels, mask, off, "leaf")  # warm-up: cuBLAS workspaces, Triton caches
             for mode in ("leaf", "leaf, grad held", "non-leaf"):
                 fwd, bwd = phase_peaks(h, W, labels, mask, off, mode)
                 print(f"| {T} | {H} | {V} | {frac:.0%} | {mode} | {fwd:.1f} | {bwd:.1f} | {T * H * 2 / MiB:.1f} |", flush=True)
-        del h, W
-        torch.cuda.empty_cache()
+            del h, W
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
