@@ -183,7 +183,7 @@ CONFIGS = {
     **{f"rows{n}": ce_triton.CEConfig(split_rows=n) for n in (640, 768, 896, 1024, 1152, 1280, 1408, 1536, 1664, 1792, 1920)},
     "default_notail": ce_triton.CEConfig(),
     "even": ce_triton.CEConfig(rows_tail=False),  # blocks of equal height: 3 x 1280 at the key shape (the rule before)
-    "nocap": ce_triton.CEConfig(peak_cap=0),  # chunk budget max(45 MiB, 1.5 x stash) at every shape
+    "nocap": ce_triton.CEConfig(peak_cap=0),  # chunk budget max(45 MiB, 1.5 x stash) at every shape, no big-stash plan
     "cap_min16": ce_triton.CEConfig(budget_min=16 << 20),  # the 64 MiB cap also at T=8192 H=2560 (23 MiB of chunks)
     **{f"wchunk{n}": ce_triton.CEConfig(w_chunk_bytes=n << 20) for n in (32, 64)},
 }
@@ -195,14 +195,18 @@ def fixed_budget(mib):
 
 
 def use(cname):
-    """Make ``decayed_cross_entropy`` run config ``cname`` (a CONFIGS key)."""
+    """Make ``decayed_cross_entropy`` run config ``cname``: a CONFIGS key, or ``plan{Tb}x{Vc}`` (the
+    default config with that split plan forced at every shape: T-blocks of Tb rows, chunks Vc wide)."""
     global CFG_NAME
     CFG_NAME = cname
-    ce_triton._config = lambda dev, dot_dtype, c=CONFIGS[cname]: c
+    forced = tuple(map(int, cname[4:].split("x"))) if cname.startswith("plan") else None
+    ce_triton._config = lambda dev, dot_dtype, c=CONFIGS.get(cname, CONFIGS["default"]): c
     ce_triton._block_cols = (lambda tb, Tb, Vc, V: Vc) if cname.endswith("_notail") else BLOCK_COLS
+    ce_triton._plan_split = PLAN_SPLIT if forced is None else (
+        lambda Tc, H, V, itemsize, cfg, need_dh, gather, p=forced: (min(Tc, p[0]), min(V, p[1])))
 
 
-BLOCK_COLS = ce_triton._block_cols
+BLOCK_COLS, PLAN_SPLIT = ce_triton._block_cols, ce_triton._plan_split
 
 
 def profile(T, H, V, frac):
@@ -341,7 +345,8 @@ if __name__ == "__main__":
                     "(100%% and ~50%%) and torch.compile once, at the --extra shapes, then exit")
     ap.add_argument("--gemm-sweep", action="store_true", help="the split schedule's cuBLAS calls per T-block height, then exit")
     ap.add_argument("--duel", type=int, default=0, help="N rounds of ours vs torch.compile alternating (key shape, "
-                    "plus --extra shapes), then exit")
+                    "plus --extra shapes), then exit; --configs may name forced split plans 'plan{Tb}x{Vc}'")
+    ap.add_argument("--fracs", default="1.0,0.5", help="supervised fractions of the duel")
     ARGS = ap.parse_args()
     if ARGS.budget_mib:
         for c in CONFIGS.values():  # exactly this budget for every swept config too
@@ -372,7 +377,7 @@ if __name__ == "__main__":
     if ARGS.duel:
         cnames = ARGS.configs.split(",")  # ours with each, side by side
         for (T, H, V) in [KEY] + [tuple(map(int, e.split("x"))) for e in filter(None, ARGS.extra.split(","))]:
-            for frac in (1.0, 0.5):
+            for frac in map(float, ARGS.fracs.split(",")):
                 duel(T, H, V, frac, ARGS.duel, cnames)
         json.dump(RESULTS, open(os.path.join(OUT, "gpu_cross_entropy_duel.json"), "w"), indent=1)
         sys.exit(0)

@@ -47,6 +47,7 @@ recomputes ``lse`` from the very calls it then repeats. No float atomics: determ
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -92,10 +93,10 @@ class CEConfig:
     # split with a d hidden stash ([T, H], the returned gradient): the chunk budget is what keeps the
     # call's peak within ``peak_cap`` (stash + chunks), when that leaves at least ``budget_min``;
     # otherwise (a stash too large for the cap) the chunk buffers may grow to ``budget_per_stash`` x the
-    # stash's bytes (fewer T-blocks, so W is streamed fewer times). H200, T=8192 H=4096 V=262144, 100%:
-    # 45 MiB 58.2 ms, 96 MiB 54.8 ms (peak 160 MiB: stash + chunks); the cap there (no room: the stash is
-    # 64 MiB) cannot hold, and at T=8192 H=2560 its 23 MiB of chunks lose to torch.compile (0.93x).
-    # peak_cap 0: always the growth rule
+    # stash's bytes (fewer T-blocks, so W is streamed fewer times), but to no more than ``peak_cap`` - 1 MiB:
+    # beyond the returned gradient the call stays within the cap. At T=8192 H=2560 the cap on the total
+    # (23 MiB of chunks) loses to torch.compile (0.93x); 60 MiB there wins (1.04-1.13x). peak_cap 0: always
+    # the growth rule, uncapped (96 MiB at T=8192 H=4096)
     peak_cap: int = 64 * _MiB
     budget_min: int = 32 * _MiB
     budget_per_stash: float = 1.5
@@ -108,6 +109,15 @@ class CEConfig:
     w_chunk_bytes: int = 48 * _MiB
     max_rows: int = 2048
     rows_tail: bool = True
+    # a stash of at least ``peak_cap`` (T=8192 H=4096): T-blocks of at most ``big_stash_rows`` and chunks as
+    # wide as the budget allows in steps whose first matmul fills whole waves of 128 x 256 output tiles on
+    # ``sms`` SMs. H200, T=8192 H=4096 V=262144 / 151936, 100%, alternating rounds against torch.compile:
+    # 1024 x 16896 (50 MiB) 1.018x / 1.062x, 1024 x 23552 1.009x / 1.043x, 2048 x 7680 (the rule above at
+    # 63 MiB) 0.995x / 1.026x, 2048 x 16384 (96 MiB) 1.010x / 1.048x. At H=2560 short blocks lose (the
+    # second matmul's [Tb, H] output fills 80 of 132 SMs): 1024 x 16896 0.996x / 1.029x, 2048 x 10240 1.059x / 1.127x
+    big_stash_rows: int = 1024
+    sms: int = 132  # the device's (``_config`` reads it)
+    wave_cols: bool = False  # chunks in those whole-wave steps (``_split_plan`` sets it for a big stash)
     rows_share: float = 0.35  # split without a stash: at most this share of the budget for the gathered rows
     split_rows: int = 0  # split: force T-blocks of this many rows (a multiple of block_m; the last takes the rest)
     # split: who runs ``acc += P @ W[chunk]``. "cublas" (addmm, f32 out), or "streamk": the Triton
@@ -132,10 +142,11 @@ def _config(device: torch.device, dot_dtype: torch.dtype) -> CEConfig:
         return CEConfig(block_m=32, block_n=64, block_k=16, block_h=64, num_warps=4, num_stages=1, rows_block=64, rows_m=4,
                         stats_cols=2, finalize_m=32, finalize_h=64,
                         mm2_block_m=16, mm2_block_n=32, mm2_block_k=16, mm2_warps=4, mm2_stages=1, mm2_progs=5)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     if dot_dtype == torch.float32:
         # 4-byte tiles: 4 stages asked 329 KB of shared memory on the H200 (limit 227 KB); 2 halve it
-        return CEConfig(num_stages=2)
-    return CEConfig()
+        return CEConfig(num_stages=2, sms=sms)
+    return CEConfig(sms=sms)
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -851,10 +862,14 @@ def _plan(Tc: int, H: int, V: int, p_bytes: int, cfg: CEConfig, write_p: bool) -
     return Tb, min(Vc, v_pad)
 
 
+_WAVE_TILE = (128, 256)  # the bf16 output tile cuBLAS uses on the H200 (CEConfig.big_stash_rows)
+
+
 def _plan_split(Tc: int, H: int, V: int, itemsize: int, cfg: CEConfig, need_dh: bool, gather: bool) -> tuple[int, int]:
     """Split schedule: rows per T-block ``Tb`` and logits columns per chunk ``Vc`` (a multiple of 64)
     within the budget: ``acc [Tb, H]`` f32 (need_dh) + gathered ``h [Tb, H]`` (gather) + ``S [Tb, Vc]``.
-    The last block may be shorter (its chunks are then wider: ``_block_cols``)."""
+    The last block may be shorter (its chunks are then wider: ``_block_cols``). ``cfg.wave_cols``: ``Vc``
+    in steps whose ``[Tb, Vc]`` output tiles fill whole waves (CEConfig.big_stash_rows)."""
     bm = cfg.block_m
     per_row = (4 * H if need_dh else 0) + (itemsize * H if gather else 0)
     if cfg.split_rows:
@@ -871,6 +886,9 @@ def _plan_split(Tc: int, H: int, V: int, itemsize: int, cfg: CEConfig, need_dh: 
         tb_cap = max(bm, int(cfg.budget * cfg.rows_share) // max(per_row, 1) // bm * bm)
         Tb = min(Tc, triton.cdiv(triton.cdiv(Tc, triton.cdiv(Tc, tb_cap)), bm) * bm)
     Vc = max(64, (cfg.budget - Tb * per_row) // (Tb * itemsize) // 64 * 64)
+    if cfg.wave_cols and Vc < V:  # row tiles x column tiles a multiple of the SM count, if the budget allows one
+        step = _WAVE_TILE[1] * cfg.sms // math.gcd(triton.cdiv(Tb, _WAVE_TILE[0]), cfg.sms)
+        Vc = Vc // step * step or Vc
     return Tb, min(Vc, V)
 
 
@@ -879,14 +897,20 @@ def _stash_budget(stash: int, cfg: CEConfig) -> int:
     room = cfg.peak_cap - stash - _MiB  # 1 MiB for the per-row vectors (rows, labels, lse, ...)
     if cfg.peak_cap and room >= cfg.budget_min:
         return room
-    return max(cfg.budget, min(int(cfg.budget_per_stash * stash), 1 << 30))  # < 2^31 elements per buffer
+    grown = max(cfg.budget, min(int(cfg.budget_per_stash * stash), 1 << 30))  # < 2^31 elements per buffer
+    # the stash is the returned gradient: beyond it, the chunks stay within the cap
+    return min(grown, max(cfg.peak_cap - _MiB, cfg.budget_min)) if cfg.peak_cap else grown
 
 
 def _split_plan(T: int, Tc: int, H: int, V: int, itemsize: int, cfg: CEConfig, need_dh: bool) -> tuple[int, int]:
     """The split schedule's ``(Tb, Vc)`` for ``Tc`` of ``T`` rows supervised: ``_plan_split`` within the
     chunk budget, which with a d hidden stash ``[T, H]`` is ``_stash_budget``'s."""
-    if need_dh:
-        cfg = dataclasses.replace(cfg, budget=_stash_budget(T * H * itemsize, cfg))
+    if not need_dh:
+        return _plan_split(Tc, H, V, itemsize, cfg, need_dh, Tc != T)
+    stash = T * H * itemsize
+    big = bool(cfg.peak_cap) and stash >= cfg.peak_cap
+    cfg = dataclasses.replace(cfg, budget=_stash_budget(stash, cfg), wave_cols=cfg.wave_cols or big,
+                              max_rows=min(cfg.max_rows, cfg.big_stash_rows) if big else cfg.max_rows)
     return _plan_split(Tc, H, V, itemsize, cfg, need_dh, Tc != T)
 
 
@@ -1086,9 +1110,13 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
     T, H = hidden.shape
     V = weight.shape[0]
     f32 = torch.float32
-    dh = torch.zeros_like(hidden) if need_dh else hidden.new_empty((0,))
+    # the finalize writes every supervised row of dh: zeros only for the rest, after the sync (the
+    # count's kernel no longer waits behind a T x H fill; none when every token is supervised)
+    dh = _empty(hidden.shape, hidden.dtype, dev) if need_dh else hidden.new_empty((0,))
     # the one host sync: Tc sizes every grid below
     Tc, rows, rows32, lab_c, tw_c, den, lse, correct, err = _supervised(labels, token_weights, V, return_correct)
+    if need_dh and Tc < T:
+        dh.zero_()
     if Tc == 0:
         return torch.zeros((), dtype=f32, device=dev), den, lse, correct, dh
     dot_dtype = _dot_dtype(hidden, weight)
