@@ -163,6 +163,12 @@ def decayed_cross_entropy(
         ``(num, den)`` or ``(num, den, correct)``; ``num`` is differentiable; the loss is
         ``num / (den + 1e-6)`` (with ``den`` all-reduced under data parallelism). Labels of
         supervised tokens must lie in ``[0, V)``; unsupervised tokens are never read and cost nothing.
+
+    Memory (Triton, 16-bit inputs): when ``hidden`` requires grad, the forward computes ``d num / d hidden``
+    into a buffer like ``hidden`` that backward scales in place and returns as the gradient, so backward
+    allocates nothing of that size. With that buffer at most 31 MiB the call's peak, buffer included,
+    stays within 64 MiB; with a larger one, the chunk buffers beside it stay within 62 MiB. A second
+    backward through the same graph (``retain_graph=True``) recomputes the gradient.
     """
     check_float_tensor("hidden", hidden)
     check_float_tensor("lm_head_weight", lm_head_weight, dim=2)
