@@ -202,11 +202,15 @@ def use(cname):
     forced = tuple(map(int, cname[4:].split("x"))) if cname.startswith("plan") else None
     ce_triton._config = lambda dev, dot_dtype, c=CONFIGS.get(cname, CONFIGS["default"]): c
     ce_triton._block_cols = (lambda tb, Tb, Vc, V: Vc) if cname.endswith("_notail") else BLOCK_COLS
-    ce_triton._plan_split = PLAN_SPLIT if forced is None else (
-        lambda Tc, H, V, itemsize, cfg, need_dh, gather, p=forced: (min(Tc, p[0]), min(V, p[1])))
+    ce_triton._split_plan = SPLIT_PLAN if forced is None else forced_plan(*forced)
 
 
-BLOCK_COLS, PLAN_SPLIT = ce_triton._block_cols, ce_triton._plan_split
+def forced_plan(Tb, Vc):
+    """A ``_split_plan`` that always answers T-blocks of ``Tb`` rows and chunks ``Vc`` wide."""
+    return lambda T, Tc, H, V, itemsize, cfg, need_dh: (min(Tc, Tb), min(V, Vc))
+
+
+BLOCK_COLS, SPLIT_PLAN = ce_triton._block_cols, ce_triton._split_plan
 
 
 def profile(T, H, V, frac):
@@ -417,13 +421,12 @@ if __name__ == "__main__":
         CFG_NAME = f"plan {spec}"
         cfg = CONFIGS[best[0]] if best is not None else ce_triton.CEConfig()
         ce_triton._config = lambda dev, dot_dtype, c=cfg: c
-        orig_plan = ce_triton._plan_split
-        ce_triton._plan_split = lambda Tc, H, V, itemsize, cfg, need_dh, gather, p=(Tb, Vc): (min(Tc, p[0]), min(V, p[1]))
+        ce_triton._split_plan = forced_plan(Tb, Vc)
         try:
             time_shape(*KEY, 1.0, ("ours",))
             split_floor(*KEY, 1.0, cfg)
         finally:
-            ce_triton._plan_split = orig_plan
+            ce_triton._split_plan = SPLIT_PLAN
     if best is not None:
         use(best[0])
         print("best config", best, flush=True)

@@ -103,8 +103,9 @@ def _ce_setup(ctx, inputs, output):
     # peak holds one gradient-sized tensor, not two (T=8192 H=4096: 128 -> 64 MiB). The stash is kept off
     # the saved tensors for that; a second backward (retain_graph) finds it taken and recomputes it.
     # Traced (torch.compile): saved as usual, scaled into a new tensor
-    ctx.stash = [dh_unit.detach()] if need_dhidden and not torch.compiler.is_compiling() else None
-    ctx.save_for_backward(hidden, weight, labels, token_weights, output[2], dh_unit if ctx.stash is None else None)
+    eager = need_dhidden and not torch.compiler.is_compiling()
+    ctx.stash = dh_unit.detach() if eager else None
+    ctx.save_for_backward(hidden, weight, labels, token_weights, output[2], None if eager else dh_unit)
     ctx.opts = (softcap, need_dhidden, impl)
     # only num has a gradient: no zero-filled [T, H] for the stash output (a third gradient-sized tensor
     # at backward's peak: T=3584 H=4096, 84 -> 56 MiB)
@@ -119,10 +120,10 @@ def _ce_backward(ctx, grad_num, grad_den, grad_lse, grad_correct, grad_dh_unit):
     if grad_num is None:  # a backward through den (or correct) alone: num does not depend on it
         return None, None, None, None, None, None, None, None
     if need_dh and stashed:  # num is linear in its per-token terms: scale the stash
-        if ctx.stash:
-            dh = ctx.stash.pop().mul_(grad_num.float())
-        elif ctx.stash is None:
+        if dh_unit is not None:  # traced
             dh = dh_unit * grad_num.float()
+        elif ctx.stash is not None:  # eager: in place, and the ctx lets go of it
+            dh, ctx.stash = ctx.stash.mul_(grad_num.float()), None
     bwd_dh = need_dh and dh is None  # no stash, or taken by an earlier backward
     if bwd_dh or need_dw:
         dh_, dw_ = ctx.bwd(grad_num.float(), hidden, weight, labels, token_weights, lse, softcap, bwd_dh, need_dw, impl)

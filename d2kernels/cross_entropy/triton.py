@@ -117,7 +117,6 @@ class CEConfig:
     # second matmul's [Tb, H] output fills 80 of 132 SMs): 1024 x 16896 0.996x / 1.029x, 2048 x 10240 1.059x / 1.127x
     big_stash_rows: int = 1024
     sms: int = 132  # the device's (``_config`` reads it)
-    wave_cols: bool = False  # chunks in those whole-wave steps (``_split_plan`` sets it for a big stash)
     rows_share: float = 0.35  # split without a stash: at most this share of the budget for the gathered rows
     split_rows: int = 0  # split: force T-blocks of this many rows (a multiple of block_m; the last takes the rest)
     # split: who runs ``acc += P @ W[chunk]``. "cublas" (addmm, f32 out), or "streamk": the Triton
@@ -868,8 +867,7 @@ _WAVE_TILE = (128, 256)  # the bf16 output tile cuBLAS uses on the H200 (CEConfi
 def _plan_split(Tc: int, H: int, V: int, itemsize: int, cfg: CEConfig, need_dh: bool, gather: bool) -> tuple[int, int]:
     """Split schedule: rows per T-block ``Tb`` and logits columns per chunk ``Vc`` (a multiple of 64)
     within the budget: ``acc [Tb, H]`` f32 (need_dh) + gathered ``h [Tb, H]`` (gather) + ``S [Tb, Vc]``.
-    The last block may be shorter (its chunks are then wider: ``_block_cols``). ``cfg.wave_cols``: ``Vc``
-    in steps whose ``[Tb, Vc]`` output tiles fill whole waves (CEConfig.big_stash_rows)."""
+    The last block may be shorter (its chunks are then wider: ``_block_cols``)."""
     bm = cfg.block_m
     per_row = (4 * H if need_dh else 0) + (itemsize * H if gather else 0)
     if cfg.split_rows:
@@ -886,9 +884,6 @@ def _plan_split(Tc: int, H: int, V: int, itemsize: int, cfg: CEConfig, need_dh: 
         tb_cap = max(bm, int(cfg.budget * cfg.rows_share) // max(per_row, 1) // bm * bm)
         Tb = min(Tc, triton.cdiv(triton.cdiv(Tc, triton.cdiv(Tc, tb_cap)), bm) * bm)
     Vc = max(64, (cfg.budget - Tb * per_row) // (Tb * itemsize) // 64 * 64)
-    if cfg.wave_cols and Vc < V:  # row tiles x column tiles a multiple of the SM count, if the budget allows one
-        step = _WAVE_TILE[1] * cfg.sms // math.gcd(triton.cdiv(Tb, _WAVE_TILE[0]), cfg.sms)
-        Vc = Vc // step * step or Vc
     return Tb, min(Vc, V)
 
 
@@ -905,14 +900,20 @@ def _stash_budget(stash: int, cfg: CEConfig) -> int:
 
 def _split_plan(T: int, Tc: int, H: int, V: int, itemsize: int, cfg: CEConfig, need_dh: bool) -> tuple[int, int]:
     """The split schedule's ``(Tb, Vc)`` for ``Tc`` of ``T`` rows supervised: ``_plan_split`` within the
-    chunk budget, which with a d hidden stash ``[T, H]`` is ``_stash_budget``'s."""
+    chunk budget, which with a d hidden stash ``[T, H]`` is ``_stash_budget``'s. A stash of at least the
+    cap: T-blocks of at most ``big_stash_rows``, and chunks cut to a width whose first-matmul output
+    tiles fill whole waves on the device's SMs, where the budget allows one (CEConfig.big_stash_rows)."""
     if not need_dh:
         return _plan_split(Tc, H, V, itemsize, cfg, need_dh, Tc != T)
     stash = T * H * itemsize
     big = bool(cfg.peak_cap) and stash >= cfg.peak_cap
-    cfg = dataclasses.replace(cfg, budget=_stash_budget(stash, cfg), wave_cols=cfg.wave_cols or big,
+    cfg = dataclasses.replace(cfg, budget=_stash_budget(stash, cfg),
                               max_rows=min(cfg.max_rows, cfg.big_stash_rows) if big else cfg.max_rows)
-    return _plan_split(Tc, H, V, itemsize, cfg, need_dh, Tc != T)
+    Tb, Vc = _plan_split(Tc, H, V, itemsize, cfg, need_dh, Tc != T)
+    if big and Vc < V:  # row tiles x column tiles a multiple of the SM count
+        step = _WAVE_TILE[1] * cfg.sms // math.gcd(triton.cdiv(Tb, _WAVE_TILE[0]), cfg.sms)
+        Vc = Vc // step * step or Vc
+    return Tb, Vc
 
 
 def _block_cols(tb: int, Tb: int, Vc: int, V: int) -> int:
