@@ -70,7 +70,7 @@ def chunk_loop(h, W, labels, mask, off, cfg):
 
 def phases(fn, n=40):
     """Where one call's wall time goes, without a profiler: CUDA events and host clocks at the call's
-    start, the sync's return (``_supervised``), the chunk loop's first launch and end, and the call's
+    start, the sync's return (``_count``), the chunk loop's first launch and end, and the call's
     end; medians over ``n`` back-to-back calls (the steady state do_bench measures)."""
     marks = {}
 
@@ -79,7 +79,7 @@ def phases(fn, n=40):
         ev.record()
         marks.setdefault(name, []).append((ev, time.perf_counter()))
 
-    sup, split = ce._supervised, ce._forward_split
+    sup, split = ce._count, ce._forward_split
 
     def sup_w(*a, **k):
         out = sup(*a, **k)
@@ -92,7 +92,7 @@ def phases(fn, n=40):
         mark("loop end")
         return out
 
-    ce._supervised, ce._forward_split = sup_w, split_w
+    ce._count, ce._forward_split = sup_w, split_w
     try:
         for _ in range(n):
             mark("call start")
@@ -100,7 +100,7 @@ def phases(fn, n=40):
             mark("call end")
         torch.cuda.synchronize()
     finally:
-        ce._supervised, ce._forward_split = sup, split
+        ce._count, ce._forward_split = sup, split
     order = ["call start", "after sync", "loop start", "loop end", "call end"]
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     row = []

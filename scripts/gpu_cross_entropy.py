@@ -182,6 +182,9 @@ CONFIGS = {
     # T-blocks of N rows, the last one shorter (and its chunks wider); _notail: every block's chunks Vc wide
     **{f"rows{n}": ce_triton.CEConfig(split_rows=n) for n in (640, 768, 896, 1024, 1152, 1280, 1408, 1536, 1664, 1792, 1920)},
     "default_notail": ce_triton.CEConfig(),
+    # chunks queued before the count's host sync (_split_speculate): none, or two
+    "nospec": ce_triton.CEConfig(spec_chunks=0),
+    "spec2": ce_triton.CEConfig(spec_chunks=2),
     "even": ce_triton.CEConfig(rows_tail=False),  # blocks of equal height: 3 x 1280 at the key shape (the rule before)
     "nocap": ce_triton.CEConfig(peak_cap=0),  # chunk budget max(45 MiB, 1.5 x stash) at every shape, no big-stash plan
     "cap_min16": ce_triton.CEConfig(budget_min=16 << 20),  # the 64 MiB cap also at T=8192 H=2560 (23 MiB of chunks)
@@ -203,6 +206,16 @@ def use(cname):
     ce_triton._config = lambda dev, dot_dtype, c=CONFIGS.get(cname, CONFIGS["default"]): c
     ce_triton._block_cols = (lambda tb, Tb, Vc, V: Vc) if cname.endswith("_notail") else BLOCK_COLS
     ce_triton._split_plan = SPLIT_PLAN if forced is None else forced_plan(*forced)
+    ce_triton._host_wait = host_wait_cached if cname == "nosync" else HOST_WAIT
+
+
+def host_wait_cached(pending, _cache={}):
+    """An upper bound, not a provider: the count's host sync skipped after the first call (the last count
+    read is reused, so valid only while the inputs stay the same): what the GPU idles at the sync costs."""
+    key = pending[0].numel()
+    if key not in _cache:
+        _cache[key] = HOST_WAIT(pending)
+    return _cache[key]
 
 
 def forced_plan(Tb, Vc):
@@ -210,7 +223,7 @@ def forced_plan(Tb, Vc):
     return lambda T, Tc, H, V, itemsize, cfg, need_dh: (min(Tc, Tb), min(V, Vc))
 
 
-BLOCK_COLS, SPLIT_PLAN = ce_triton._block_cols, ce_triton._split_plan
+BLOCK_COLS, SPLIT_PLAN, HOST_WAIT = ce_triton._block_cols, ce_triton._split_plan, ce_triton._host_wait
 
 
 def profile(T, H, V, frac):
@@ -259,37 +272,43 @@ def chunk_gemms(Tb, Vc, H):
     return fns, acc, acc_t
 
 
-def gemm_sweep(T, H, V, budget_mib=45, heights=range(128, 2049, 128)):
+def gemm_sweep(T, H, V, budget_mib=45, heights=range(128, 2049, 128), plans=None):
     """The split schedule's two cuBLAS calls alone, one whole vocabulary sweep per T-block height ``Tb``
     (chunks as wide as the budget allows, the real ``W [V, H]``, back to back as in the loop): ms of all
     ``S = h @ W_c^T`` and of all ``acc += P @ W_c`` (f32 out). ``acc``'s output tiles are only ``Tb x H``,
-    so its wave fill depends on Tb; a partition of T into blocks costs the sum of its blocks' rows here."""
+    so its wave fill depends on Tb; a partition of T into blocks costs the sum of its blocks' rows here.
+    ``plans``: explicit ``(Tb, Vc, parts)`` instead, ``parts`` = how many column slices of ``acc`` the
+    second matmul is issued as (one cuBLAS call each)."""
     f32, bf = torch.float32, torch.bfloat16
     W = torch.randn(V, H, device=DEV, dtype=bf) * 0.02
     print(f"gemm sweep T={T} H={H} V={V} budget {budget_mib} MiB (whole-V sweeps, do_bench medians)", flush=True)
-    for Tb in heights:
-        Vc = min(V, ((budget_mib << 20) - Tb * H * 4) // (Tb * 2) // 64 * 64)
+    if plans is None:
+        plans = [(Tb, min(V, ((budget_mib << 20) - Tb * H * 4) // (Tb * 2) // 64 * 64), 1) for Tb in heights]
+    for Tb, Vc, parts in plans:
         if Vc < 1024:
             continue
         h = torch.randn(Tb, H, device=DEV, dtype=bf)
         s = torch.rand(Tb * Vc, device=DEV).to(bf)
         acc = torch.zeros(Tb, H, device=DEV, dtype=f32)
         chunks = [(W[v0:v0 + min(Vc, V - v0)], s[:Tb * min(Vc, V - v0)].view(Tb, -1)) for v0 in range(0, V, Vc)]
+        cols = [(c0, min(H, c0 + H // parts)) for c0 in range(0, H, H // parts)]
 
         def mm1(chunks=chunks, h=h):
             for w, sc in chunks:
                 torch.mm(h, w.t(), out=sc)
 
-        def mm2(chunks=chunks, acc=acc):
+        def mm2(chunks=chunks, acc=acc, cols=cols):
             for i, (w, sc) in enumerate(chunks):
-                torch.addmm(acc, sc, w, out_dtype=f32, out=acc) if i else torch.mm(sc, w, out_dtype=f32, out=acc)
+                for c0, c1 in cols:
+                    a = acc[:, c0:c1]
+                    torch.addmm(a, sc, w[:, c0:c1], out_dtype=f32, out=a) if i else torch.mm(sc, w[:, c0:c1], out_dtype=f32, out=a)
 
         t1, t2 = bench(mm1), bench(mm2)
         fl = 2.0 * Tb * V * H
-        row = {"Tb": Tb, "Vc": Vc, "chunks": len(chunks), "mm1_ms": t1, "mm2_ms": t2}
+        row = {"Tb": Tb, "Vc": Vc, "parts": parts, "chunks": len(chunks), "mm1_ms": t1, "mm2_ms": t2}
         RESULTS.setdefault("gemm_sweep", []).append(dict(row, T=T, H=H, V=V))
-        print(f"gemm Tb={Tb:5d} Vc={Vc:6d} x{len(chunks):3d}: mm1 {t1:6.3f} ms {fl / t1 / 1e9:4.0f} TF/s | mm2 {t2:6.3f} ms "
-              f"{fl / t2 / 1e9:4.0f} TF/s | both per 128 rows {(t1 + t2) * 128 / Tb:.3f} ms", flush=True)
+        print(f"gemm Tb={Tb:5d} Vc={Vc:6d} x{len(chunks):3d} parts {parts}: mm1 {t1:6.3f} ms {fl / t1 / 1e9:4.0f} TF/s | "
+              f"mm2 {t2:6.3f} ms {fl / t2 / 1e9:4.0f} TF/s | both per 128 rows {(t1 + t2) * 128 / Tb:.3f} ms", flush=True)
         del h, s, acc, chunks
     del W
     torch.cuda.empty_cache()
@@ -348,6 +367,8 @@ if __name__ == "__main__":
     ap.add_argument("--budgets", default="", help="comma list of CEConfig.budget values in MiB: ours at each "
                     "(100%% and ~50%%) and torch.compile once, at the --extra shapes, then exit")
     ap.add_argument("--gemm-sweep", action="store_true", help="the split schedule's cuBLAS calls per T-block height, then exit")
+    ap.add_argument("--gemm-plans", default="", help="'TbxVcxPARTS,...': --gemm-sweep's cuBLAS calls at these block "
+                    "plans, the second matmul issued as PARTS column slices of acc")
     ap.add_argument("--duel", type=int, default=0, help="N rounds of ours vs torch.compile alternating (key shape, "
                     "plus --extra shapes), then exit; --configs may name forced split plans 'plan{Tb}x{Vc}'")
     ap.add_argument("--fracs", default="1.0,0.5", help="supervised fractions of the duel")
@@ -360,10 +381,13 @@ if __name__ == "__main__":
     print(RESULTS["env"], flush=True)
     torch.manual_seed(0)
     KEY = tuple(map(int, ARGS.sweep_shape.split("x")))
+    if ARGS.gemm_plans:
+        gemm_sweep(*KEY, plans=[tuple(map(int, e.split("x"))) for e in ARGS.gemm_plans.split(",")])
     if ARGS.gemm_sweep:
         gemm_sweep(*KEY)
         if ARGS.extra:
             gemm_sweep(8192, 4096, 262144)
+    if ARGS.gemm_sweep or ARGS.gemm_plans:
         if not ARGS.duel and ARGS.configs == "default":
             sys.exit(0)
     if ARGS.budgets:

@@ -129,7 +129,7 @@ def test_big_stash_plan(poison, monkeypatch):
     T, H, V = 600, 64, 1000
     budget = bm * (6 * H + 2 * 832)  # one row tile of acc f32 + gathered h fp16 + chunks of 832 columns
     use_config(monkeypatch, schedule="split", peak_cap=16 << 10, budget=budget, budget_min=budget,
-               big_stash_rows=2 * bm, sms=1)
+               big_stash_rows=2 * bm, sms=1, spec_chunks=0)  # spec_chunks: no speculated chunk among the widths
     cfg = ce_triton._config(torch.device(DEV), torch.float16)
     assert ce_triton._stash_budget(T * H * 2, cfg) == budget
     widths = []
@@ -164,9 +164,11 @@ def test_split_rows_blocks_and_wider_tail_chunks(how, poison, monkeypatch):
     H, V, per_row = 64, 1000, 6 * 64  # acc f32 + gathered h fp16
     budget = 2 * bm * per_row + 2 * bm * 2 * 192  # T-blocks of 2 bm rows x chunks of 192 columns
     if how == "split_rows":
-        use_config(monkeypatch, schedule="split", split_rows=2 * bm, budget=budget, peak_cap=0, budget_per_stash=0.0)
+        use_config(monkeypatch, schedule="split", split_rows=2 * bm, budget=budget, peak_cap=0, budget_per_stash=0.0,
+                   spec_chunks=0)
     else:
-        use_config(monkeypatch, schedule="split", budget=budget, peak_cap=0, budget_per_stash=0.0, w_chunk_bytes=192 * H * 2)
+        use_config(monkeypatch, schedule="split", budget=budget, peak_cap=0, budget_per_stash=0.0, w_chunk_bytes=192 * H * 2,
+                   spec_chunks=0)
     widths = []
     rows_pass = ce_triton._rows_pass
     monkeypatch.setattr(ce_triton, "_rows_pass", lambda s, *a: widths.append(tuple(s.shape)) or rows_pass(s, *a))
@@ -182,6 +184,36 @@ def test_split_rows_blocks_and_wider_tail_chunks(how, poison, monkeypatch):
     assert tail_rows and full[:6] == [192, 192, 192, 192, 192, 40], widths
     vc = ce_triton._block_cols(tail_rows, 2 * bm, 192, V)
     assert vc > 192 and tail == [vc] * (V // vc) + ([V % vc] if V % vc else []), widths
+
+
+@pytest.mark.parametrize("dt", ["fp16", "bf16"] if DEV == "cuda" else ["fp16"])
+def test_speculated_first_chunk_kept_or_redone(dt, poison, tiny, monkeypatch):
+    """The split schedule queues its first chunk before the count is known, on the plan the last call of
+    the shape had (all supervised on the first call). Same plan: the chunk is kept (no extra row pass);
+    another plan: one wasted chunk, redone. Every call's loss, gradient and flags equal those without
+    speculation bit for bit, also when the count changed but the plan did not (other rows gathered)."""
+    use_config(monkeypatch, schedule="split")
+    monkeypatch.setattr(ce_triton, "_TC_SEEN", {})
+    widths = []
+    rows_pass = ce_triton._rows_pass
+    monkeypatch.setattr(ce_triton, "_rows_pass", lambda s, *a: widths.append(tuple(s.shape)) or rows_pass(s, *a))
+    H, V = 64, 257
+    cases = [make_case((90,), H, V, DTYPES[dt], frac=f, seed=s) for f, s in ((0.6, 1), (0.6, 1), (0.7, 2), (1.0, 3), (1.0, 3))]
+    # the plan (tiny: 32-row blocks, gathered unless all supervised) of each call after the first is
+    # that of the call before, except where all-supervised follows gathered: 0 = kept, 1 = redone
+    wasted = [1, 0, 0, 1, 0]
+    for case, waste in zip(cases, wasted):
+        counts, outs = [], []
+        for spec in (1, 0):  # both calls leave the same count behind for the next case
+            use_config(monkeypatch, schedule="split", spec_chunks=spec)
+            widths.clear()
+            outs.append(run(*case))
+            counts.append(len(widths))
+        assert counts[0] == counts[1] + waste, (counts, waste)
+        for a, b in zip(outs[0], outs[1]):
+            assert torch.equal(a, b)
+        rnum, rden, rcor, rdh, rdw = reference(*case)
+        assert_like_torch(dt, outs[0][:1] + outs[0][3:], torch_lowp(*case), (rnum, rdh, rdw))
 
 
 def triton_cdiv(a, b):
@@ -382,17 +414,22 @@ def test_mixed_dtypes(poison):
 
 
 def test_all_masked_launches_nothing(schedule, monkeypatch):
+    """Nothing supervised: zeros, and no kernel beyond the compaction. The split schedule's first call of
+    a shape may queue its speculated chunk (on the plan of the count it last saw, or of all supervised);
+    once it has seen the count 0 it launches nothing either."""
     class NoLaunch:
         def __getitem__(self, grid):
             raise AssertionError(f"kernel launched with grid {grid} although nothing is supervised")
 
-    for name in ("_ce_block_kernel", "_ce_rows_kernel", "_ce_finalize_kernel", "_ce_dlogits_kernel", "_ce_dlogits_rows_kernel",
-                 "_mm2_streamk_kernel"):
-        monkeypatch.setattr(ce_triton, name, NoLaunch())
     h, W, labels, mask, off = make_case((4, 5), 64, 257, torch.float16, frac=0.0)
-    num, den, cor, dh, dw = run(h, W, labels, mask, off)
-    assert num.item() == 0 and den.item() == 0 and not cor.any()
-    assert torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw))
+    for call in range(2):
+        if call == 1:
+            for name in ("_ce_block_kernel", "_ce_rows_kernel", "_ce_finalize_kernel", "_ce_dlogits_kernel",
+                         "_ce_dlogits_rows_kernel", "_mm2_streamk_kernel"):
+                monkeypatch.setattr(ce_triton, name, NoLaunch())
+        num, den, cor, dh, dw = run(h, W, labels, mask, off)
+        assert num.item() == 0 and den.item() == 0 and not cor.any()
+        assert torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw))
 
 
 def test_rejects_float64_and_bad_labels():
@@ -428,7 +465,7 @@ def test_split_budget_grows_with_the_stash(cap, monkeypatch):
     """With a d hidden stash the split schedule's chunk budget is what the peak cap leaves next to it
     (cap - stash - 1 MiB) or, with no cap, max(budget, budget_per_stash x stash bytes); without a stash
     (no grad) it stays ``budget``."""
-    cfg = dataclasses.replace(ce_triton._config(torch.device(DEV), torch.float16), budget=4096, peak_cap=cap)
+    cfg = dataclasses.replace(ce_triton._config(torch.device(DEV), torch.float16), budget=4096, peak_cap=cap, spec_chunks=0)
     monkeypatch.setattr(ce_triton, "_config", lambda dev, dt: cfg)
     seen = []
     plan = ce_triton._plan_split
@@ -451,6 +488,12 @@ def test_compaction_kernel(T, lab_dtype):
     Tc, rows, rows32, lab_c, tw_c, den, lse, correct, err = ce_triton._supervised(labels.to(DEV), tw.to(DEV), 200, True)
     assert lse.shape == (T,) and correct.shape == (T,) and err.shape == (1,)
     want = torch.nonzero(tw > 0).flatten()
+    # the whole buffer: the others after the supervised rows (a permutation of [0, T)), weight 0
+    c = ce_triton._compact(labels.to(DEV), tw.to(DEV), 200)
+    assert ce_triton._count(c, labels.to(DEV), tw.to(DEV), 200) == Tc
+    assert torch.equal(c.rows.sort().values.cpu(), torch.arange(T)) and torch.equal(c.rows32.cpu(), c.rows.int().cpu())
+    assert torch.equal(c.rows[Tc:].sort().values.cpu(), torch.nonzero(tw == 0).flatten()) and not c.tw_c[Tc:].any()
+    assert torch.equal(c.lab_c.cpu(), labels[c.rows.cpu()].int())
     assert Tc == want.numel() and torch.equal(rows.cpu(), want) and torch.equal(rows32.cpu(), want.int())
     assert torch.equal(lab_c.cpu(), labels[want].int()) and torch.equal(tw_c.cpu(), tw[want])
     assert torch.allclose(den.cpu(), tw.sum(), rtol=1e-5, atol=0) and not lse.any() and not correct.any() and err.item() == 0
@@ -533,6 +576,28 @@ def test_gpu_backward_allocates_no_second_gradient():
         extra = torch.cuda.max_memory_allocated() - base
     grad_bytes = h.numel() * h.element_size()
     assert extra <= 0.1 * grad_bytes, f"backward allocated {extra / grad_bytes:.2f} gradients beyond the stash"
+
+
+@GPU
+def test_gpu_speculation_keeps_the_peak(monkeypatch):
+    """A speculated first chunk on the wrong plan is dropped before the right plan's buffers exist: a
+    call's peak stays within the 64 MiB cap (stash included) whether the plan was guessed or not."""
+    monkeypatch.setattr(ce_triton, "_TC_SEEN", {})
+    T, H, V = 3584, 2560, 32000
+    h, W, labels, mask, off = make_case((1024,), H, V, torch.bfloat16, frac=1.0, seed=6, wscale=0.02)
+    decayed_cross_entropy(h.requires_grad_(True), W, labels, mask, off, gamma=4.0, backend="triton")[0].backward()
+    peaks = []  # (the call above set up cuBLAS's workspace: not counted below)
+    for frac in (1.0, 0.5, 0.5, 1.0):  # no memory / guessed all supervised / guessed right / guessed gathered
+        h, W, labels, mask, off = make_case((T,), H, V, torch.bfloat16, frac=frac, seed=6, wscale=0.02)
+        h = h.requires_grad_(True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        num, den = decayed_cross_entropy(h, W, labels, mask, off, gamma=4.0, backend="triton")
+        (num / (den + 1e-6)).backward()
+        torch.cuda.synchronize()
+        peaks.append((torch.cuda.max_memory_allocated() - base) / MiB)
+    assert max(peaks) <= 64, peaks
 
 
 def test_custom_op_traces_fullgraph():
@@ -747,7 +812,7 @@ def test_split_sk_runs_the_streamk_kernel(plan, poison, monkeypatch):
     """The split-sk schedule's ``acc += P @ W`` goes through the stream-K kernel: every chunk's launch
     but the first of a T-block accumulates; the 1000-column chunk of the default plan takes tensor
     descriptors, the tiny plan's 100 columns (200-byte rows) pointer loads."""
-    use_config(monkeypatch, schedule="split", mm2="streamk")
+    use_config(monkeypatch, schedule="split", mm2="streamk", spec_chunks=0)  # no speculated chunk among the launches
     if plan == "tiny":
         monkeypatch.setattr(ce_triton, "_plan_split", tiny_plan_split)
     launches = []

@@ -1,7 +1,9 @@
 """Triton kernels and host launchers of ``decayed_cross_entropy`` (fused lm_head + decayed CE).
 
 Only supervised tokens (weight > 0) are visited: they are compacted first (one host sync for
-their count ``Tc``, which sizes the grids; their labels are range-checked in the same sync).
+their count ``Tc``, which sizes the grids; their labels are range-checked in the same sync). The split
+schedule queues its first chunk before that sync, on the plan of the count the shape's last call had,
+so the GPU is not idle while the host waits and plans; the count keeps that chunk or redoes it.
 Shapes: ``hidden [T, H]``, ``weight [V, H]``.
 
 Frozen lm_head (the drafter case) costs two matmuls over the supervised tokens, both in the
@@ -119,6 +121,9 @@ class CEConfig:
     sms: int = 132  # the device's (``_config`` reads it)
     rows_share: float = 0.35  # split without a stash: at most this share of the budget for the gathered rows
     split_rows: int = 0  # split: force T-blocks of this many rows (a multiple of block_m; the last takes the rest)
+    # split: chunks of the first T-block queued before the host waits for the supervised count, on the
+    # plan the last call of the same shape had (``_split_speculate``; kept when the count gives that plan)
+    spec_chunks: int = 1
     # split: who runs ``acc += P @ W[chunk]``. "cublas" (addmm, f32 out), or "streamk": the Triton
     # stream-K kernel ``_mm2_streamk_kernel`` (every SM the same share of the K iterations: at the key
     # shape cuBLAS's 128 x 256 tiles give 100 tiles for 132 SMs). Deterministic either way
@@ -792,8 +797,9 @@ def _ce_compact_kernel(
     tw_ptr, lab_ptr, rows_ptr, rows32_ptr, labc_ptr, twc_ptr, lse_ptr, correct_ptr, err_ptr, den_ptr, count_ptr,
     T, V, BLOCK: tl.constexpr, RETURN_CORRECT: tl.constexpr,
 ):
-    """One program: the supervised tokens (``tw > 0``) in order -> ``rows``/``rows32 [Tc]``, their labels
-    (int32) and weights; ``count = (Tc, supervised labels outside [0, V))`` for the host; ``den = Σ tw``;
+    """One program: the supervised tokens (``tw > 0``) in order -> ``rows``/``rows32 [:Tc]``, their labels
+    (int32) and weights, then the other tokens (weight 0, labels as given, never read as indices) from
+    the back; ``count = (Tc, supervised labels outside [0, V))`` for the host; ``den = Σ tw``;
     ``lse``/``correct``/``err`` zeroed. Replaces a sort, ~10 gathers and casts and 4 memsets before the
     op's one host sync (each one a launch the GPU waits for at the start of every call)."""
     n_sup = tl.zeros((), tl.int32)
@@ -805,14 +811,18 @@ def _ce_compact_kernel(
         w = tl.load(tw_ptr + o, mask=m, other=0.0).to(tl.float32)
         den += w
         sup = (w > 0) & m
-        lab = tl.load(lab_ptr + o, mask=sup, other=0)
+        lab = tl.load(lab_ptr + o, mask=m, other=0)
         n_bad += tl.sum((((lab < 0) | (lab >= V)) & sup).to(tl.int32), axis=0)
         s32 = sup.to(tl.int32)
-        pos = n_sup + tl.cumsum(s32, axis=0) - s32  # exclusive prefix: order kept
-        tl.store(rows_ptr + pos, o.to(tl.int64), mask=sup)
-        tl.store(rows32_ptr + pos, o, mask=sup)
-        tl.store(labc_ptr + pos, lab.to(tl.int32), mask=sup)
-        tl.store(twc_ptr + pos, w, mask=sup)
+        u32 = (m & ~sup).to(tl.int32)
+        # supervised rows in order from the front (exclusive prefix), the others from the back: the
+        # whole buffer is a permutation of [0, T), so rows past the count (unknown before the host
+        # reads it) still index hidden in bounds (the split schedule's first chunk runs before that)
+        pos = tl.where(sup, n_sup + tl.cumsum(s32, axis=0) - s32, T - 1 - (t0 - n_sup) - (tl.cumsum(u32, axis=0) - u32))
+        tl.store(rows_ptr + pos, o.to(tl.int64), mask=m)
+        tl.store(rows32_ptr + pos, o, mask=m)
+        tl.store(labc_ptr + pos, lab.to(tl.int32), mask=m)
+        tl.store(twc_ptr + pos, tl.where(sup, w, 0.0), mask=m)
         tl.store(lse_ptr + o, tl.zeros((BLOCK,), tl.float32), mask=m)
         if RETURN_CORRECT:
             tl.store(correct_ptr + o, tl.zeros((BLOCK,), tl.int8), mask=m)
@@ -1024,85 +1034,199 @@ def _rows_pass(s: torch.Tensor, labels: torch.Tensor, acc: Optional[torch.Tensor
     )
 
 
+@dataclass
+class _SplitRun:
+    """One split-schedule call: its plan (``_split_plan``), buffers, and how many columns of its first
+    T-block were queued before the supervised count was known (``_split_speculate``)."""
+
+    plan: tuple  # (Tb, Vc, gather, rows of the first T-block): ``_split_key``
+    s_buf: torch.Tensor  # S / P chunks [Tb * Vc]
+    h_buf: Optional[torch.Tensor]  # gathered rows [Tb, H] (gather)
+    acc: torch.Tensor  # [Tb, H] f32 (need_dh)
+    stats: torch.Tensor  # [4, Tb] f32: reference, running sum, running max, label logit
+    sk_sync: Optional[torch.Tensor]  # the stream-K kernel's scratch (cfg.mm2 == "streamk")
+    done: int = 0
+
+
+def _split_key(T: int, Tc: int, H: int, V: int, itemsize: int, cfg: CEConfig, need_dh: bool) -> tuple:
+    """The split schedule's plan for ``Tc`` of ``T`` rows supervised: ``(Tb, Vc, gather, rows of the first
+    T-block)``. Rows are gathered per T-block unless every token is supervised (then plain slices)."""
+    Tb, Vc = _split_plan(T, Tc, H, V, itemsize, cfg, need_dh)
+    return Tb, Vc, Tc != T, min(Tb, Tc)
+
+
+def _split_setup(hidden: torch.Tensor, weight: torch.Tensor, Tc: int, cfg: CEConfig, need_dh: bool) -> _SplitRun:
+    (T, H), V, dev = hidden.shape, weight.shape[0], hidden.device
+    plan = _split_key(T, Tc, H, V, hidden.element_size(), cfg, need_dh)
+    Tb, Vc, gather, _ = plan
+    return _SplitRun(
+        plan, _empty((Tb * Vc,), hidden.dtype, dev), _empty((Tb, H), hidden.dtype, dev) if gather else None,
+        _empty((Tb, H) if need_dh else (1,), torch.float32, dev), _empty((4, Tb), torch.float32, dev),
+        _mm2_sync(Tb, H, cfg, dev) if need_dh and cfg.mm2 == "streamk" else None,  # zero again after every launch
+    )
+
+
+def _split_chunks(run: _SplitRun, weight, h_blk, l_blk, v_from: int, v_to: int, cfg: CEConfig, sc: float,
+                  need_dh: bool, err) -> None:
+    """Queue one T-block's chunks (``h_blk [tb, H]``, labels ``l_blk``) over columns ``[v_from, v_to)``:
+    ``S = h @ W[chunk]^T``, the row pass (S becomes P in place), ``acc (=|+=) P @ W[chunk]``."""
+    tb, V = h_blk.shape[0], weight.shape[0]
+    Tb, Vc = run.plan[:2]
+    vc = _block_cols(tb, Tb, Vc, V)
+    acc = run.acc[:tb]
+    for v0 in range(v_from, v_to, vc):
+        width = min(vc, V - v0)
+        s = run.s_buf[:tb * width].view(tb, width)  # contiguous for cuBLAS, also the last chunk
+        w_chunk = weight[v0:v0 + width]
+        torch.mm(h_blk, w_chunk.t(), out=s)
+        _rows_pass(s, l_blk, run.acc if need_dh else None, run.stats, v0, cfg, sc)
+        if run.sk_sync is not None:
+            _mm2_streamk(acc, s, w_chunk, v0 > 0, cfg, sync=run.sk_sync, err=err)
+        elif need_dh:
+            _mm_f32(acc, s, w_chunk, accumulate=v0 > 0)
+
+
+def _split_rows(run: _SplitRun, hidden, rows, t0: int, tb: int) -> torch.Tensor:
+    """T-block ``[t0, t0 + tb)``'s rows of hidden: gathered into ``h_buf``, or a plain slice."""
+    return torch.index_select(hidden, 0, rows[t0:t0 + tb], out=run.h_buf[:tb]) if run.plan[2] else hidden[t0:t0 + tb]
+
+
+_TC_SEEN: dict = {}  # (device, T, H, V, dtype, need_dh) -> the supervised count the last such call had
+
+
+def _split_speculate(hidden, weight, c: _Compacted, cfg: CEConfig, softcap: float, need_dh: bool) -> Optional[_SplitRun]:
+    """Before the host waits for the supervised count: set up the plan the last call of this shape had
+    and queue its first T-block's first ``cfg.spec_chunks`` chunks, so the GPU works while the host
+    wakes up from the sync and plans (the gap was ~0.3 ms a call at the key shape). The rows gathered
+    are ``c.rows[:tb]``: the supervised ones first, then others (a permutation, so always in bounds).
+    ``_split_adopt`` keeps the run when the count gives the same plan; otherwise that work is wasted."""
+    T, H, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    Tc = _TC_SEEN.get((hidden.device, T, H, V, hidden.dtype, need_dh), T)
+    if not cfg.spec_chunks or Tc == 0:
+        return None
+    run = _split_setup(hidden, weight, Tc, cfg, need_dh)
+    Tb, Vc, _, tb = run.plan
+    h_blk = _split_rows(run, hidden, c.rows, 0, tb)
+    run.done = min(V, cfg.spec_chunks * _block_cols(tb, Tb, Vc, V))
+    _split_chunks(run, weight, h_blk, c.lab_c[:tb], 0, run.done, cfg, float(softcap), need_dh, c.err)
+    return run
+
+
+def _split_adopt(run: Optional[_SplitRun], hidden, weight, Tc: int, cfg: CEConfig, need_dh: bool) -> Optional[_SplitRun]:
+    """After the count: ``run`` if its plan is the one for ``Tc`` (else None: the caller sets up anew),
+    and remember ``Tc`` for this shape's next call."""
+    T, H, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    if len(_TC_SEEN) > 256:
+        _TC_SEEN.clear()
+    _TC_SEEN[(hidden.device, T, H, V, hidden.dtype, need_dh)] = Tc
+    if run is None or Tc == 0 or run.plan != _split_key(T, Tc, H, V, hidden.element_size(), cfg, need_dh):
+        return None
+    return run
+
+
 def _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg: CEConfig, softcap: float, return_correct: bool,
-                   need_dh: bool, lse, correct, dh, err) -> torch.Tensor:
+                   need_dh: bool, lse, correct, dh, err, run: Optional[_SplitRun] = None) -> torch.Tensor:
     """The split schedule (16-bit ``hidden`` and ``weight`` of one dtype); fills ``lse``, ``correct``, ``dh``
     and returns ``num``. Per T-block and vocabulary chunk: ``S = h @ W[chunk]^T`` (cuBLAS, in the
     inputs' dtype, the precision of a plain torch lm_head), ``_ce_rows_kernel`` (stats, and ``S``
     becomes ``P`` in place), ``acc += P @ W[chunk]`` (cuBLAS, or ``cfg.mm2 == "streamk"``: the stream-K
-    kernel; f32 accumulate). Rows are gathered per T-block unless every token is supervised."""
-    dev = hidden.device
-    T, H = hidden.shape
+    kernel; f32 accumulate). Rows are gathered per T-block unless every token is supervised. ``run``:
+    ``_split_speculate``'s, its first chunks already queued (``_split_adopt`` checked its plan)."""
     V = weight.shape[0]
     Tc = rows.numel()
-    f32 = torch.float32
-    gather = Tc != T  # all supervised: rows == arange(T), so T-blocks are plain slices of hidden
-    Tb, Vc = _split_plan(T, Tc, H, V, hidden.element_size(), cfg, need_dh)
-    s_buf = _empty((Tb * Vc,), hidden.dtype, dev)
-    h_buf = _empty((Tb, H), hidden.dtype, dev) if gather else None
-    acc = _empty((Tb, H) if need_dh else (1,), f32, dev)
-    stats = _empty((4, Tb), f32, dev)
-    ref, s_run, m_max, z_lab = stats
-    loss_c = _empty((Tc,), f32, dev)
-    streamk = need_dh and cfg.mm2 == "streamk"
-    sk_sync = _mm2_sync(Tb, H, cfg, dev) if streamk else None  # zero again after every launch
+    if run is None:
+        run = _split_setup(hidden, weight, Tc, cfg, need_dh)
+    Tb = run.plan[0]
+    ref, s_run, m_max, z_lab = run.stats
+    loss_c = _empty((Tc,), torch.float32, hidden.device)
     sc = float(softcap)
     for t0 in range(0, Tc, Tb):
         tb = min(Tb, Tc - t0)
         r_blk, l_blk, w_blk = rows32[t0:t0 + tb], lab_c[t0:t0 + tb], tw_c[t0:t0 + tb]
-        h_blk = torch.index_select(hidden, 0, rows[t0:t0 + tb], out=h_buf[:tb]) if gather else hidden[t0:t0 + tb]
-        vc = _block_cols(tb, Tb, Vc, V)
-        for v0 in range(0, V, vc):
-            width = min(vc, V - v0)
-            s = s_buf[:tb * width].view(tb, width)  # contiguous for cuBLAS, also the last chunk
-            w_chunk = weight[v0:v0 + width]
-            torch.mm(h_blk, w_chunk.t(), out=s)
-            _rows_pass(s, l_blk, acc if need_dh else None, stats, v0, cfg, sc)
-            if streamk:
-                _mm2_streamk(acc[:tb], s, w_chunk, v0 > 0, cfg, sync=sk_sync, err=err)
-            elif need_dh:
-                _mm_f32(acc[:tb], s, w_chunk, accumulate=v0 > 0)
-        _finalize(weight, (r_blk, l_blk, w_blk), z_lab, acc, (ref, s_run, m_max), err, dh, lse, loss_c[t0:t0 + tb],
+        v_from = run.done if t0 == 0 else 0
+        if v_from and run.plan[2]:  # gathered before the count
+            h_blk = run.h_buf[:tb]
+        else:
+            h_blk = _split_rows(run, hidden, rows, t0, tb)
+        _split_chunks(run, weight, h_blk, l_blk, v_from, V, cfg, sc, need_dh, err)
+        _finalize(weight, (r_blk, l_blk, w_blk), z_lab, run.acc, (ref, s_run, m_max), err, dh, lse, loss_c[t0:t0 + tb],
                   correct, sc, cfg, need_dh, return_correct)
     return loss_c.sum()
 
 
-def _supervised(labels: torch.Tensor, tw: torch.Tensor, V: int, return_correct: bool = False):
-    """The supervised rows (``tw > 0``) in order -> ``Tc``, ``rows [Tc]`` int64, ``rows32``, their labels
-    (int32) and weights (f32), ``den = Σ tw`` (0-dim), and zeroed ``lse [T]`` f32, ``correct [T]`` bool
-    (empty unless return_correct) and ``err [1]`` int32 for the forward to fill. One launch
-    (``_ce_compact_kernel``), then ONE host sync, which also validates the supervised labels
+@dataclass
+class _Compacted:
+    """``_compact``'s outputs, all ``[T]``: ``rows`` (int64) / ``rows32``, labels (int32) and weights (f32),
+    supervised first (``_ce_compact_kernel``); ``den`` (0-dim), zeroed ``lse``, ``correct`` (empty unless
+    asked) and ``err [1]``; ``count`` = (Tc, bad labels), being copied to the host (``_host_copy``)."""
+
+    rows: torch.Tensor
+    rows32: torch.Tensor
+    lab_c: torch.Tensor
+    tw_c: torch.Tensor
+    den: torch.Tensor
+    lse: torch.Tensor
+    correct: torch.Tensor
+    err: torch.Tensor
+    count: tuple
+
+
+def _compact(labels: torch.Tensor, tw: torch.Tensor, V: int, return_correct: bool = False) -> _Compacted:
+    """One launch (``_ce_compact_kernel``) and the count's copy to the host, not waited for: the caller
+    may queue work before ``_count`` waits (the split schedule's first chunk, ``_split_speculate``)."""
+    T, dev = tw.numel(), tw.device
+    i64, i32, f32 = torch.int64, torch.int32, torch.float32
+    c = _Compacted(
+        torch.empty(T, dtype=i64, device=dev), torch.empty(T, dtype=i32, device=dev),
+        torch.empty(T, dtype=i32, device=dev), torch.empty(T, dtype=f32, device=dev),
+        torch.empty((), dtype=f32, device=dev), torch.empty(T, dtype=f32, device=dev),
+        torch.empty(T if return_correct else 0, dtype=torch.bool, device=dev),
+        torch.empty(1, dtype=i32, device=dev), (),
+    )
+    count = torch.empty(2, dtype=i64, device=dev)
+    _ce_compact_kernel[(1,)](
+        tw.contiguous(), labels.contiguous(), c.rows, c.rows32, c.lab_c, c.tw_c, c.lse, c.correct.view(torch.int8),
+        c.err, c.den, count, T, V, BLOCK=1024, RETURN_CORRECT=return_correct, num_warps=4,
+    )
+    c.count = _host_copy(count)
+    return c
+
+
+def _count(c: _Compacted, labels: torch.Tensor, tw: torch.Tensor, V: int) -> int:
+    """The op's ONE host sync: wait for ``c.count`` -> ``Tc``; it also validates the supervised labels
     (``set_validation``: "sync" and "async" raise the ValueError here, since the count is read anyway;
     "off" skips it)."""
-    T, dev = tw.numel(), tw.device
-    rows = torch.empty(T, dtype=torch.int64, device=dev)
-    rows32 = torch.empty(T, dtype=torch.int32, device=dev)
-    lab_c = torch.empty(T, dtype=torch.int32, device=dev)
-    tw_c = torch.empty(T, dtype=torch.float32, device=dev)
-    den = torch.empty((), dtype=torch.float32, device=dev)
-    lse = torch.empty(T, dtype=torch.float32, device=dev)
-    correct = torch.empty(T if return_correct else 0, dtype=torch.bool, device=dev)
-    err = torch.empty(1, dtype=torch.int32, device=dev)
-    count = torch.empty(2, dtype=torch.int64, device=dev)
-    _ce_compact_kernel[(1,)](
-        tw.contiguous(), labels.contiguous(), rows, rows32, lab_c, tw_c, lse, correct.view(torch.int8), err, den, count, T, V,
-        BLOCK=1024, RETURN_CORRECT=return_correct, num_warps=4,
-    )
-    Tc, n_bad = _read_host(count)
+    Tc, n_bad = _host_wait(c.count)
     if n_bad and validation_mode() != "off":
         raise_range_error("labels", labels, 0, V, where=tw > 0)
-    return Tc, rows[:Tc], rows32[:Tc], lab_c[:Tc], tw_c[:Tc], den, lse, correct, err
+    return Tc
 
 
-def _read_host(t: torch.Tensor) -> list:
-    """``t.tolist()`` through a pinned buffer and an event: the host waits for this copy only."""
+def _supervised(labels: torch.Tensor, tw: torch.Tensor, V: int, return_correct: bool = False):
+    """``_compact`` and ``_count`` in one -> ``Tc``, ``rows [Tc]`` int64, ``rows32``, their labels (int32)
+    and weights (f32), ``den = Σ tw`` (0-dim), and zeroed ``lse [T]`` f32, ``correct [T]`` bool (empty
+    unless return_correct) and ``err [1]`` int32 for the forward to fill."""
+    c = _compact(labels, tw, V, return_correct)
+    Tc = _count(c, labels, tw, V)
+    return Tc, c.rows[:Tc], c.rows32[:Tc], c.lab_c[:Tc], c.tw_c[:Tc], c.den, c.lse, c.correct, c.err
+
+
+def _host_copy(t: torch.Tensor) -> tuple:
+    """``t``'s copy into pinned host memory, queued with an event after it (``_host_wait`` waits for it)."""
     if not t.is_cuda:
-        return t.tolist()
+        return (t, None)
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)  # queued on t's device's current stream (not necessarily the current device)
     ev = torch.cuda.Event()
     ev.record(torch.cuda.current_stream(t.device))
-    ev.synchronize()
+    return (host, ev)
+
+
+def _host_wait(pending: tuple) -> list:
+    """The host waits for ``_host_copy``'s copy only (not for what was queued after it) -> ``tolist()``."""
+    host, ev = pending
+    if ev is not None:
+        ev.synchronize()
     return host.tolist()
 
 
@@ -1115,17 +1239,24 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
     # the finalize writes every supervised row of dh: zeros only for the rest, after the sync (the
     # count's kernel no longer waits behind a T x H fill; none when every token is supervised)
     dh = _empty(hidden.shape, hidden.dtype, dev) if need_dh else hidden.new_empty((0,))
+    dot_dtype = _dot_dtype(hidden, weight)
+    cfg = _config(dev, dot_dtype)
+    split = cfg.schedule == "split" and hidden.dtype == weight.dtype != torch.float32
+    c = _compact(labels, token_weights, V, return_correct)
+    run = _split_speculate(hidden, weight, c, cfg, softcap, need_dh) if split else None
     # the one host sync: Tc sizes every grid below
-    Tc, rows, rows32, lab_c, tw_c, den, lse, correct, err = _supervised(labels, token_weights, V, return_correct)
+    Tc = _count(c, labels, token_weights, V)
+    rows, rows32, lab_c, tw_c = c.rows[:Tc], c.rows32[:Tc], c.lab_c[:Tc], c.tw_c[:Tc]
+    den, lse, correct, err = c.den, c.lse, c.correct, c.err
+    if split:
+        run = _split_adopt(run, hidden, weight, Tc, cfg, need_dh)
     if need_dh and Tc < T:
         dh.zero_()
     if Tc == 0:
         return torch.zeros((), dtype=f32, device=dev), den, lse, correct, dh
-    dot_dtype = _dot_dtype(hidden, weight)
-    cfg = _config(dev, dot_dtype)
-    if cfg.schedule == "split" and hidden.dtype == weight.dtype != torch.float32:
+    if split:
         num = _forward_split(hidden, weight, rows, rows32, lab_c, tw_c, cfg, softcap, return_correct, need_dh,
-                             lse, correct, dh, err)
+                             lse, correct, dh, err, run)
         return num, den, lse, correct, dh
     p_dtype = weight.dtype  # P meets W in the second matmul
     Tb, Vc = _plan(Tc, H, V, p_dtype.itemsize, cfg, need_dh)
