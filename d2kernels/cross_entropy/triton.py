@@ -122,7 +122,9 @@ class CEConfig:
     rows_share: float = 0.35  # split without a stash: at most this share of the budget for the gathered rows
     split_rows: int = 0  # split: force T-blocks of this many rows (a multiple of block_m; the last takes the rest)
     # split: chunks of the first T-block queued before the host waits for the supervised count, on the
-    # plan the last call of the same shape had (``_split_speculate``; kept when the count gives that plan)
+    # plan the last call of the same shape had (``_split_speculate``; kept when the count gives that plan).
+    # H200 duels: 0.3-4.5% faster at 15 of the 16 benchmark points (key shape 9.40 -> 9.29 ms, ~50% 5.15 ->
+    # 5.01); 2 chunks no better than 1
     spec_chunks: int = 1
     # split: who runs ``acc += P @ W[chunk]``. "cublas" (addmm, f32 out), or "streamk": the Triton
     # stream-K kernel ``_mm2_streamk_kernel`` (every SM the same share of the K iterations: at the key
