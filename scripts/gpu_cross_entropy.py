@@ -168,13 +168,18 @@ def time_shape(T, H, V, frac, which):
     return res
 
 
+def fixed_budget(mib):
+    """A config whose chunk budget is exactly ``mib`` MiB (no 64 MiB cap, no growth with the stash)."""
+    return ce_triton.CEConfig(budget=mib << 20, peak_cap=0, budget_per_stash=0.0)
+
+
 CONFIGS = {
     "default": ce_triton.CEConfig(),  # the split schedule
     "fused": ce_triton.CEConfig(schedule="fused"),
     "fused_b40": ce_triton.CEConfig(schedule="fused", budget=40 << 20),
     **{f"split_r{m}x{c}w{w}": ce_triton.CEConfig(rows_m=m, rows_block=c, rows_warps=w)
        for m, c, w in [(2, 1024, 4), (2, 2048, 8), (1, 4096, 8), (1, 2048, 2), (1, 2048, 1), (2, 1024, 2), (1, 1024, 1)]},
-    "split_b40": ce_triton.CEConfig(budget=40 << 20, peak_cap=0, budget_per_stash=0.0),
+    "split_b40": fixed_budget(40),
     "split_rev": ce_triton.CEConfig(rows_reverse=True),
     "split_sk": ce_triton.CEConfig(mm2="streamk"),  # mm2 = the stream-K Triton kernel, K-aligned ranges
     "split_sk_s4": ce_triton.CEConfig(mm2="streamk", mm2_stages=4),
@@ -190,11 +195,6 @@ CONFIGS = {
     "cap_min16": ce_triton.CEConfig(budget_min=16 << 20),  # the 64 MiB cap also at T=8192 H=2560 (23 MiB of chunks)
     **{f"wchunk{n}": ce_triton.CEConfig(w_chunk_bytes=n << 20) for n in (32, 64)},
 }
-
-
-def fixed_budget(mib):
-    """A config whose chunk budget is exactly ``mib`` MiB (no 64 MiB cap, no growth with the stash)."""
-    return ce_triton.CEConfig(budget=mib << 20, peak_cap=0, budget_per_stash=0.0)
 
 
 def use(cname):

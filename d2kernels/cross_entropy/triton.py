@@ -1093,7 +1093,11 @@ def _split_rows(run: _SplitRun, hidden, rows, t0: int, tb: int) -> torch.Tensor:
     return torch.index_select(hidden, 0, rows[t0:t0 + tb], out=run.h_buf[:tb]) if run.plan[2] else hidden[t0:t0 + tb]
 
 
-_TC_SEEN: dict = {}  # (device, T, H, V, dtype, need_dh) -> the supervised count the last such call had
+_TC_SEEN: dict = {}  # _tc_key -> the supervised count the last such call had
+
+
+def _tc_key(hidden: torch.Tensor, weight: torch.Tensor, need_dh: bool) -> tuple:
+    return hidden.device, *hidden.shape, weight.shape[0], hidden.dtype, need_dh
 
 
 def _split_speculate(hidden, weight, c: _Compacted, cfg: CEConfig, softcap: float, need_dh: bool) -> Optional[_SplitRun]:
@@ -1102,8 +1106,8 @@ def _split_speculate(hidden, weight, c: _Compacted, cfg: CEConfig, softcap: floa
     wakes up from the sync and plans (the gap was ~0.3 ms a call at the key shape). The rows gathered
     are ``c.rows[:tb]``: the supervised ones first, then others (a permutation, so always in bounds).
     ``_split_adopt`` keeps the run when the count gives the same plan; otherwise that work is wasted."""
-    T, H, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
-    Tc = _TC_SEEN.get((hidden.device, T, H, V, hidden.dtype, need_dh), T)
+    V = weight.shape[0]
+    Tc = _TC_SEEN.get(_tc_key(hidden, weight, need_dh), hidden.shape[0])
     if not cfg.spec_chunks or Tc == 0:
         return None
     run = _split_setup(hidden, weight, Tc, cfg, need_dh)
@@ -1117,10 +1121,10 @@ def _split_speculate(hidden, weight, c: _Compacted, cfg: CEConfig, softcap: floa
 def _split_adopt(run: Optional[_SplitRun], hidden, weight, Tc: int, cfg: CEConfig, need_dh: bool) -> Optional[_SplitRun]:
     """After the count: ``run`` if its plan is the one for ``Tc`` (else None: the caller sets up anew),
     and remember ``Tc`` for this shape's next call."""
-    T, H, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    (T, H), V = hidden.shape, weight.shape[0]
     if len(_TC_SEEN) > 256:
         _TC_SEEN.clear()
-    _TC_SEEN[(hidden.device, T, H, V, hidden.dtype, need_dh)] = Tc
+    _TC_SEEN[_tc_key(hidden, weight, need_dh)] = Tc
     if run is None or Tc == 0 or run.plan != _split_key(T, Tc, H, V, hidden.element_size(), cfg, need_dh):
         return None
     return run
@@ -1172,26 +1176,26 @@ class _Compacted:
     err: torch.Tensor
     count: tuple
 
+    def first(self, Tc: int) -> tuple:
+        """The supervised rows' ``rows [Tc]``, ``rows32``, labels and weights."""
+        return self.rows[:Tc], self.rows32[:Tc], self.lab_c[:Tc], self.tw_c[:Tc]
+
 
 def _compact(labels: torch.Tensor, tw: torch.Tensor, V: int, return_correct: bool = False) -> _Compacted:
     """One launch (``_ce_compact_kernel``) and the count's copy to the host, not waited for: the caller
     may queue work before ``_count`` waits (the split schedule's first chunk, ``_split_speculate``)."""
     T, dev = tw.numel(), tw.device
     i64, i32, f32 = torch.int64, torch.int32, torch.float32
-    c = _Compacted(
-        torch.empty(T, dtype=i64, device=dev), torch.empty(T, dtype=i32, device=dev),
-        torch.empty(T, dtype=i32, device=dev), torch.empty(T, dtype=f32, device=dev),
-        torch.empty((), dtype=f32, device=dev), torch.empty(T, dtype=f32, device=dev),
-        torch.empty(T if return_correct else 0, dtype=torch.bool, device=dev),
-        torch.empty(1, dtype=i32, device=dev), (),
-    )
-    count = torch.empty(2, dtype=i64, device=dev)
+    rows, rows32 = torch.empty(T, dtype=i64, device=dev), torch.empty(T, dtype=i32, device=dev)
+    lab_c, tw_c = torch.empty(T, dtype=i32, device=dev), torch.empty(T, dtype=f32, device=dev)
+    den, lse = torch.empty((), dtype=f32, device=dev), torch.empty(T, dtype=f32, device=dev)
+    correct = torch.empty(T if return_correct else 0, dtype=torch.bool, device=dev)
+    err, count = torch.empty(1, dtype=i32, device=dev), torch.empty(2, dtype=i64, device=dev)
     _ce_compact_kernel[(1,)](
-        tw.contiguous(), labels.contiguous(), c.rows, c.rows32, c.lab_c, c.tw_c, c.lse, c.correct.view(torch.int8),
-        c.err, c.den, count, T, V, BLOCK=1024, RETURN_CORRECT=return_correct, num_warps=4,
+        tw.contiguous(), labels.contiguous(), rows, rows32, lab_c, tw_c, lse, correct.view(torch.int8), err, den, count,
+        T, V, BLOCK=1024, RETURN_CORRECT=return_correct, num_warps=4,
     )
-    c.count = _host_copy(count)
-    return c
+    return _Compacted(rows, rows32, lab_c, tw_c, den, lse, correct, err, _host_copy(count))
 
 
 def _count(c: _Compacted, labels: torch.Tensor, tw: torch.Tensor, V: int) -> int:
@@ -1210,7 +1214,7 @@ def _supervised(labels: torch.Tensor, tw: torch.Tensor, V: int, return_correct: 
     unless return_correct) and ``err [1]`` int32 for the forward to fill."""
     c = _compact(labels, tw, V, return_correct)
     Tc = _count(c, labels, tw, V)
-    return Tc, c.rows[:Tc], c.rows32[:Tc], c.lab_c[:Tc], c.tw_c[:Tc], c.den, c.lse, c.correct, c.err
+    return (Tc, *c.first(Tc), c.den, c.lse, c.correct, c.err)
 
 
 def _host_copy(t: torch.Tensor) -> tuple:
@@ -1248,7 +1252,7 @@ def _forward(hidden, weight, labels, token_weights, softcap: float, return_corre
     run = _split_speculate(hidden, weight, c, cfg, softcap, need_dh) if split else None
     # the one host sync: Tc sizes every grid below
     Tc = _count(c, labels, token_weights, V)
-    rows, rows32, lab_c, tw_c = c.rows[:Tc], c.rows32[:Tc], c.lab_c[:Tc], c.tw_c[:Tc]
+    rows, rows32, lab_c, tw_c = c.first(Tc)
     den, lse, correct, err = c.den, c.lse, c.correct, c.err
     if split:
         run = _split_adopt(run, hidden, weight, Tc, cfg, need_dh)
