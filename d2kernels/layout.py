@@ -28,7 +28,11 @@ IGNORE_INDEX = -100
 def _rand(shape, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
     # Draw on the generator's device so a seeded generator reproduces on any device.
     gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+    r = torch.rand(shape, generator=generator, device=gen_device)
+    if r.device.type == "cpu" and torch.device(device).type == "cuda":
+        # A pageable host->device copy waits for the GPU to drain; a pinned one is queued.
+        return r.pin_memory().to(device, non_blocking=True)
+    return r.to(device)
 
 
 def sample_anchors(

@@ -141,9 +141,9 @@ class TargetCache(torch.utils.data.Dataset):
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(f.name) else b""
         self._shards[shard_id] = mm
         while len(self._shards) > self.max_open_shards:
-            old = self._shards.pop(next(iter(self._shards)))
-            if isinstance(old, mmap.mmap):
-                old.close()
+            # Dropped, not closed: a zero-copy view (``features_view``) may still point into it; the
+            # map closes when the last view is gone.
+            self._shards.pop(next(iter(self._shards)))
         return mm
 
     def record(self, i: int) -> dict:
@@ -159,7 +159,7 @@ class TargetCache(torch.utils.data.Dataset):
         return rec
 
     @staticmethod
-    def _read(buf, offset: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    def _read(buf, offset: int, dtype: torch.dtype, shape: tuple, copy: bool = True) -> torch.Tensor:
         count = 1
         for s in shape:
             count *= s
@@ -170,7 +170,26 @@ class TargetCache(torch.utils.data.Dataset):
             # the mmap is read-only; the clone below makes the tensor own writable memory
             warnings.simplefilter("ignore", UserWarning)
             t = torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
-        return t.clone().view(shape)
+        return (t.clone() if copy else t).view(shape)
+
+    def training_sample(self, i: int, max_length: int) -> dict:
+        """``input_ids``, ``loss_mask`` (long, first ``max_length`` tokens) and ``target_hidden``
+        ``[S, L*H]`` as a zero-copy read-only view of the memory-mapped shard (in the cache's dtype):
+        the collate that pads the batch is then the only copy of the features."""
+        rec = self.record(i)
+        S = rec["seq_len"]
+        buf = self._shard(rec["shard_id"])
+        LH = len(self.target_layer_ids) * self.hidden_size
+        n = min(S, max_length)
+        hidden = self._read(buf, rec["target_hidden_states_offset"], self.hidden_dtype, (S, LH), copy=False)
+        return {  # .long() copies the token arrays out of the map
+            "input_ids": self._read(buf, rec["input_ids_offset"], torch.int32, (S,), copy=False)[:n].long(),
+            "loss_mask": self._read(buf, rec["loss_mask_offset"], torch.uint8, (S,), copy=False)[:n].long(),
+            "target_hidden": hidden[:n],
+        }
+
+    def seq_len(self, i: int) -> int:
+        return int(self.record(i)["seq_len"])
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)

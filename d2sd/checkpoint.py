@@ -17,12 +17,18 @@ import json
 import os
 import random
 import shutil
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
+
+from .models.base import CONFIG_NAME, write_json
+from .models.checkpoint import WEIGHTS_INDEX_NAME, shard_name
 
 __all__ = [
     "CorruptCheckpoint",
@@ -33,6 +39,8 @@ __all__ = [
     "load_trainer_state",
     "capture_rng_state",
     "restore_rng_state",
+    "AsyncCheckpointer",
+    "HostSnapshot",
 ]
 
 MANIFEST = "manifest.json"
@@ -77,14 +85,15 @@ def _files(root: Path) -> list[Path]:
 def save_checkpoint(
     root: Path,
     step: int,
-    write_drafter: Callable[[Path], None],
+    write_drafter: Callable[[Path], Optional[dict[str, str]]],
     trainer_state: dict[str, Any],
     keep_last: int,
 ) -> Path:
     """Write checkpoint ``root/step_XXXXXXXX`` atomically and prune all but the newest ``keep_last``.
 
-    ``write_drafter(dir)`` writes the drafter's save_pretrained layout into ``dir``.
-    Returns the final path. Call on one rank only.
+    ``write_drafter(dir)`` writes the drafter's save_pretrained layout into ``dir``; it may return
+    ``{path relative to dir: sha256}`` for files whose hash it already knows (a hard-linked frozen
+    shard), which are then not read again. Returns the final path. Call on one rank only.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -93,12 +102,14 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write_drafter(tmp / DRAFTER_DIR)
+    known = write_drafter(tmp / DRAFTER_DIR) or {}
+    known = {str(Path(DRAFTER_DIR) / k): v for k, v in known.items()}
     torch.save(trainer_state, tmp / TRAINER_STATE)
     files = {}
     for p in _files(tmp):
+        rel = str(p.relative_to(tmp))
         _fsync_file(p)
-        files[str(p.relative_to(tmp))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        files[rel] = {"size": p.stat().st_size, "sha256": known.get(rel) or _sha256(p)}
     manifest = {"format": 1, "step": int(step), "time": time.time(), "files": files}
     with open(tmp / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -133,10 +144,14 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Remove all but the newest ``keep_last`` valid checkpoints; corrupt ones are left for inspection."""
+    """Remove all but the newest ``keep_last`` complete checkpoints; corrupt ones are left for inspection.
+
+    "Complete" is the cheap check (manifest readable, every file present with its size), not the
+    sha256 one: re-hashing every kept checkpoint at every save would cost gigabytes of reads.
+    """
     if keep_last <= 0:
         return
-    valid = [p for p in list_checkpoints(root) if _is_valid(p)]
+    valid = [p for p in list_checkpoints(root) if _is_valid(p, hashes=False)]
     for p in valid[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)
     for p in Path(root).glob(".tmp-*"):
@@ -144,8 +159,10 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def verify_checkpoint(path: Path) -> dict:
-    """Check the manifest and every file's size and sha256. Returns the manifest; raises CorruptCheckpoint."""
+def verify_checkpoint(path: Path, hashes: bool = True) -> dict:
+    """Check the manifest and every file's size and sha256 (``hashes=False``: sizes only).
+
+    Returns the manifest; raises CorruptCheckpoint."""
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
@@ -164,14 +181,14 @@ def verify_checkpoint(path: Path) -> dict:
             raise CorruptCheckpoint(f"{path}: missing file {rel}")
         if p.stat().st_size != meta["size"]:
             raise CorruptCheckpoint(f"{path}: {rel} has {p.stat().st_size} bytes, manifest says {meta['size']}")
-        if _sha256(p) != meta["sha256"]:
+        if hashes and _sha256(p) != meta["sha256"]:
             raise CorruptCheckpoint(f"{path}: {rel} does not match its sha256 (corrupt file)")
     return manifest
 
 
-def _is_valid(path: Path) -> bool:
+def _is_valid(path: Path, hashes: bool = True) -> bool:
     try:
-        verify_checkpoint(path)
+        verify_checkpoint(path, hashes=hashes)
         return True
     except CorruptCheckpoint:
         return False
@@ -241,3 +258,148 @@ def restore_rng_state(state: dict, anchor_generator: Optional[torch.Generator] =
         torch.cuda.set_rng_state_all(state["cuda"])
     if anchor_generator is not None and "anchor_generator" in state:
         anchor_generator.set_state(state["anchor_generator"])
+
+
+# ----------------------------------------------------------------------------- background saves
+
+
+class HostSnapshot:
+    """Copies the tensors of a nested state (dicts, lists, tuples) to host memory it keeps.
+
+    On CUDA the buffers are pinned and reused from one save to the next, so a snapshot costs one
+    queued device->host copy per tensor (no allocation, no page faults after the first save) and
+    ``event`` marks when they are done. CPU tensors are cloned (training mutates them in place).
+    """
+
+    def __init__(self):
+        self._pool: dict[str, torch.Tensor] = {}
+        self.event: Optional[torch.cuda.Event] = None
+
+    def _copy(self, t: torch.Tensor, key: str) -> torch.Tensor:
+        t = t.detach()
+        if t.device.type != "cuda":
+            return t.clone()
+        buf = self._pool.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self._pool[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return buf.copy_(t, non_blocking=True)
+
+    def take(self, tree: Any, key: str = "") -> Any:
+        if isinstance(tree, torch.Tensor):
+            return self._copy(tree, key)
+        if isinstance(tree, dict):
+            return {k: self.take(v, f"{key}/{k}") for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(self.take(v, f"{key}/{i}") for i, v in enumerate(tree))
+        return tree
+
+    def record(self) -> None:
+        """Mark the end of the copies queued so far (no-op without CUDA)."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.event = None
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+
+@dataclass
+class _FrozenShard:
+    path: Path  # the shard inside the newest checkpoint written by this process
+    sha256: str
+    size: int
+
+
+class AsyncCheckpointer:
+    """Checkpoints written by a background thread: the training loop pays for the device->host copy only.
+
+    A training checkpoint's ``drafter/`` is a Hugging Face sharded folder (``load_drafter`` reads it):
+    shard 1 holds the trainable weights, shard 2 the frozen target parts (``frozen``, e.g.
+    embed_tokens / lm_head). Shard 2 is written once per process and hard-linked into every later
+    checkpoint (its hash is known), so a save writes only what training changed. One save runs at a
+    time: ``save`` first waits for the previous one. Errors of the background write surface at the
+    next ``save`` or ``wait``.
+    """
+
+    def __init__(self, root: Path, keep_last: int, frozen: tuple[str, ...]):
+        self.root, self.keep_last, self.frozen = Path(root), keep_last, tuple(frozen)
+        self._snap = HostSnapshot()
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._frozen_shard: Optional[_FrozenShard] = None
+        self.last_path: Optional[Path] = None
+        self.write_seconds: Optional[float] = None  # of the last finished background write
+
+    def _frozen_reusable(self) -> bool:
+        f = self._frozen_shard
+        return f is not None and f.path.is_file() and f.path.stat().st_size == f.size
+
+    def save(self, step: int, drafter_config: dict, model_sd: dict[str, torch.Tensor],
+             trainer_state: dict[str, Any]) -> Path:
+        """Snapshot ``model_sd`` and ``trainer_state`` to host and write checkpoint ``step`` in the background."""
+        self.wait()
+        reuse = self._frozen_reusable()
+        sd = {k: v for k, v in model_sd.items() if not (reuse and k in self.frozen)}
+        host_sd = self._snap.take(sd, "model")
+        host_state = self._snap.take(trainer_state, "state")
+        self._snap.record()
+        final = self.root / step_dir_name(step)
+        frozen_keys = [k for k in model_sd if k in self.frozen]
+        self._thread = threading.Thread(
+            target=self._write, args=(step, drafter_config, host_sd, frozen_keys, host_state, reuse),
+            name=f"d2sd-save-{step}", daemon=True,
+        )
+        self._thread.start()
+        return final
+
+    def wait(self) -> Optional[Path]:
+        """Block until the save in flight is on disk; re-raise its error. Returns its path."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return self.last_path
+
+    def _write(self, step, drafter_config, host_sd, frozen_keys, host_state, reuse_frozen: bool) -> None:
+        t0 = time.time()
+        try:
+            self._snap.wait()
+            frozen_name = None
+
+            def write_drafter(d: Path) -> dict[str, str]:
+                nonlocal frozen_name
+                d.mkdir(parents=True, exist_ok=True)
+                write_json(drafter_config, str(d / CONFIG_NAME))
+                trainable = {k: v for k, v in host_sd.items() if k not in self.frozen}
+                files = [shard_name(1, 2), shard_name(2, 2)]
+                meta = {"format": "pt", "d2sd_format": "deepspec"}
+                save_file(trainable, str(d / files[0]), metadata=meta)
+                known = {}
+                frozen_name = files[1]
+                if reuse_frozen:
+                    try:
+                        os.link(self._frozen_shard.path, d / files[1])
+                    except OSError:  # a file system without hard links: copy once more
+                        shutil.copyfile(self._frozen_shard.path, d / files[1])
+                    known[files[1]] = self._frozen_shard.sha256
+                else:
+                    save_file({k: host_sd[k] for k in frozen_keys}, str(d / files[1]), metadata=meta)
+                weight_map = {k: files[0] for k in trainable} | {k: files[1] for k in frozen_keys}
+                write_json({"metadata": {"format": "pt"}, "weight_map": weight_map}, str(d / WEIGHTS_INDEX_NAME))
+                return known
+
+            path = save_checkpoint(self.root, step, write_drafter, host_state, self.keep_last)
+            manifest = json.loads((path / MANIFEST).read_text())
+            rel = str(Path(DRAFTER_DIR) / frozen_name)
+            shard = path / rel
+            self._frozen_shard = _FrozenShard(shard, manifest["files"][rel]["sha256"], shard.stat().st_size)
+            self.last_path = path
+        except BaseException as e:  # re-raised in the training thread by the next save / wait
+            self._error = e
+        finally:
+            self.write_seconds = time.time() - t0

@@ -188,31 +188,39 @@ def write_chat_jsonl(path, records: Sequence[dict]) -> None:
 
 # ----------------------------------------------------------------------------- batching
 
-def collate(samples: Sequence[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
+def collate(samples: Sequence[dict], pad_id: int, pad_to_multiple_of: int = 1, pin_memory: bool = False) -> dict:
     """Right-pad samples into a batch.
 
     Returns ``input_ids [Bt, S]`` long (pad = ``pad_id``), ``loss_mask [Bt, S]`` long (0 on pad),
     ``attention_mask [Bt, S]`` long (1 = real token); plus ``target_hidden [Bt, S, L*H]`` (zeros on
-    pad) when every sample carries one (cache samples).
+    pad) when every sample carries one (cache samples). Each sample's values are copied once,
+    straight into the batch (a cache sample's features may be a view of the memory-mapped shard);
+    ``pin_memory=True`` allocates the batch in page-locked memory for ``non_blocking`` copies.
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
     lengths = [len(s["input_ids"]) for s in samples]
     width = -(-max(lengths) // pad_to_multiple_of) * pad_to_multiple_of
     Bt = len(samples)
-    input_ids = torch.full((Bt, width), int(pad_id), dtype=torch.long)
-    loss_mask = torch.zeros((Bt, width), dtype=torch.long)
-    attention_mask = torch.zeros((Bt, width), dtype=torch.long)
+
+    def empty(shape, dtype):
+        return torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+
+    input_ids, loss_mask, attention_mask = empty((Bt, width), torch.long), empty((Bt, width), torch.long), empty((Bt, width), torch.long)
     for i, (s, n) in enumerate(zip(samples, lengths)):
         input_ids[i, :n] = torch.as_tensor(s["input_ids"], dtype=torch.long)
+        input_ids[i, n:] = int(pad_id)
         loss_mask[i, :n] = torch.as_tensor(s["loss_mask"], dtype=torch.long)
+        loss_mask[i, n:] = 0
         attention_mask[i, :n] = 1
+        attention_mask[i, n:] = 0
     batch = {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask}
     if all("target_hidden" in s for s in samples):
         first = samples[0]["target_hidden"]
-        hidden = first.new_zeros((Bt, width, first.shape[-1]))  # [Bt, S, L*H]
+        hidden = empty((Bt, width, first.shape[-1]), torch.bfloat16 if first.dtype.itemsize == 1 else first.dtype)
         for i, (s, n) in enumerate(zip(samples, lengths)):
-            hidden[i, :n] = s["target_hidden"]
+            hidden[i, :n] = s["target_hidden"]  # [S, L*H]; float8 caches are upcast here
+            hidden[i, n:] = 0
         batch["target_hidden"] = hidden
     return batch
 

@@ -107,8 +107,9 @@ def _restore_fsdp_sync(model):
         model.set_requires_gradient_sync(True)
 
 
-def all_reduce_sum(values: Iterable[torch.Tensor] | torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum float64 copies of ``values`` over ranks (one collective). Returns a flat float64 tensor."""
+def all_reduce_sum(values: Iterable[torch.Tensor] | torch.Tensor, info: DistInfo, to_host: bool = True) -> torch.Tensor:
+    """Sum float64 copies of ``values`` over ranks (one collective). Returns a flat float64 tensor,
+    on the CPU, or (``to_host=False``) on the collective's device: no device sync."""
     if isinstance(values, torch.Tensor):
         flat = values.detach().reshape(-1).to(torch.float64)
     else:
@@ -117,7 +118,7 @@ def all_reduce_sum(values: Iterable[torch.Tensor] | torch.Tensor, info: DistInfo
         # gloo and nccl both reduce float64; the collective runs on the process group's device.
         flat = flat.to(info.device)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    return flat.cpu()
+    return flat.cpu() if to_host else flat
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:

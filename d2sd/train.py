@@ -22,9 +22,11 @@ import hashlib
 import json
 import math
 import os
+import queue
 import random
 import signal
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass
@@ -34,9 +36,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+import d2kernels
+
 from . import checkpoint as ckpt
 from . import distributed as ddist
+from .data import collate as pad_batch
 from .config import TrainConfig, get_preset, PRESETS
+from .models import build_drafter
+from .models.checkpoint import TARGET_PARTS, drafter_json, read_weights
 
 __all__ = ["main", "build_parser", "resolve_run", "Batcher", "forward_backward", "make_scheduler"]
 
@@ -128,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=("auto", "triton", "torch", "cuda"),
                    help="d2kernels backend (auto: triton on CUDA, torch on CPU)")
     g.add_argument("--fsdp", action="store_true", help="shard the drafter with FSDP2 fully_shard instead of DDP")
+    g.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the drafter's decoder layers (default: on for CUDA, off on CPU)")
     g.add_argument("--d2", dest="enable_d2_feature", action=argparse.BooleanOptionalAction,
                    help="D2 (variable-prefix) training; --no-d2 = plain DFlash")
     g.add_argument("--dflash-labels", dest="dflash_labels", choices=("shifted", "same"),
@@ -151,6 +160,7 @@ class Run:
     out: Path
     device: Optional[str]
     fsdp: bool
+    compile: Optional[bool] = None  # None: on for CUDA
     resume_from: Optional[Path] = None
     resume_state: Optional[dict] = None
 
@@ -194,7 +204,7 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
     return Run(
         opts=opts, preset=preset_name, train=train, drafter_args=drafter_args,
         target=opts.get("target"), data=opts.get("data"), cache=opts.get("cache"), out=out,
-        device=opts.get("device"), fsdp=bool(opts.get("fsdp", False)),
+        device=opts.get("device"), fsdp=bool(opts.get("fsdp", False)), compile=opts.get("compile"),
         resume_from=resume_from, resume_state=state,
     )
 
@@ -340,8 +350,10 @@ class _CacheSamples:
         return len(self.cache)
 
     def __getitem__(self, i: int) -> dict:
-        rec = self.cache[i]
-        return {k: rec[k][: self.max_length] for k in ("input_ids", "loss_mask", "target_hidden")}
+        return self.cache.training_sample(i, self.max_length)
+
+    def lengths(self) -> list[int]:
+        return [min(self.cache.seq_len(i), self.max_length) for i in range(len(self.cache))]
 
 
 def _cache_samples(run: Run, target) -> _CacheSamples:
@@ -381,12 +393,13 @@ class Micro:
 class Batcher:
     """Deterministic, resumable order over records: a fresh permutation per epoch (seed + epoch).
 
-    A global batch is the next ``global_batch_size`` records; it is cut into micro-batches of
-    ``micro_batch_size`` and micro-batch ``i`` goes to rank ``i % world_size``. ``state_dict()``
-    is the data position.
+    A global batch is the next ``global_batch_size`` records; given ``lengths``, they are sorted by
+    length, then cut into micro-batches of ``micro_batch_size``, and micro-batch ``i`` goes to rank
+    ``i % world_size``. ``state_dict()`` is the data position.
     """
 
-    def __init__(self, n: int, global_batch_size: int, micro_batch_size: int, world_size: int, rank: int, seed: int):
+    def __init__(self, n: int, global_batch_size: int, micro_batch_size: int, world_size: int, rank: int, seed: int,
+                 lengths: Optional[list[int]] = None):
         per = micro_batch_size * world_size
         if global_batch_size % per:
             raise UsageError(
@@ -396,6 +409,7 @@ class Batcher:
         self.n, self.gbs, self.mbs = n, global_batch_size, micro_batch_size
         self.world, self.rank, self.seed = world_size, rank, seed
         self.epoch, self.cursor = 0, 0
+        self.lengths = lengths
 
     @property
     def accum_steps(self) -> int:
@@ -415,6 +429,9 @@ class Batcher:
             self.cursor += take
             if self.cursor == self.n:
                 self.epoch, self.cursor = self.epoch + 1, 0
+        if self.lengths is not None and self.mbs > 1:
+            # Length buckets: micro-batches of similar lengths pad (and compute) little.
+            picked.sort(key=lambda k: (self.lengths[k], k))
         micros = [picked[i:i + self.mbs] for i in range(0, self.gbs, self.mbs)]
         return [(i, m) for i, m in enumerate(micros) if i % self.world == self.rank]
 
@@ -429,9 +446,90 @@ class Batcher:
 
 def collate(samples: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """``data.collate`` (right padding, loss_mask 0 on pads), moved to ``device``."""
-    from .data import collate as pad_batch
+    pin = device.type == "cuda"
+    return {k: v.to(device, non_blocking=pin) for k, v in pad_batch(samples, pad_id, pin_memory=pin).items()}
 
-    return {k: v.to(device, non_blocking=True) for k, v in pad_batch(samples, pad_id).items()}
+
+def check_token_ids(batch: dict[str, torch.Tensor], vocab_size: int, where: str) -> None:
+    """Token ids must lie in [0, vocab): checked on the host copy, so the GPU step needs no check (no sync)."""
+    ids = batch["input_ids"]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)].unique()[:8].tolist()
+        raise UsageError(f"{where}: token ids {bad} are outside the drafter's vocabulary [0, {vocab_size})")
+
+
+class Prefetcher:
+    """Prepares the next global batches on a background thread, so the GPU never waits on the data.
+
+    The thread draws the record indices (``Batcher.next``), reads the records (a cache's features
+    straight from the memory-mapped shards), pads them into page-locked memory and, on CUDA, starts
+    their host->device copy on a side stream. ``next()`` hands the loop one global batch, already on
+    the device, together with the batcher state *after* it: a checkpoint records what training
+    consumed, not what was read ahead.
+    """
+
+    def __init__(self, batcher: "Batcher", examples, pad_id: int, device: torch.device, vocab_size: int,
+                 depth: int = 2):
+        self.batcher, self.examples, self.pad_id, self.device = batcher, examples, pad_id, device
+        self.vocab_size = vocab_size
+        self.cuda = device.type == "cuda"
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="d2sd-prefetch", daemon=True)
+        self._thread.start()
+
+    def _prepare(self):
+        micros = []
+        for i, idx in self.batcher.next():
+            host = pad_batch([self.examples[k] for k in idx], self.pad_id, pin_memory=self.cuda)
+            check_token_ids(host, self.vocab_size, f"records {idx}")
+            micros.append((i, host))
+        state = self.batcher.state_dict()
+        if not self.cuda:
+            return micros, state, None
+        with torch.cuda.stream(self._stream):
+            micros = [(i, {k: v.to(self.device, non_blocking=True) for k, v in b.items()}) for i, b in micros]
+            done = torch.cuda.current_stream().record_event()
+        return micros, state, done
+
+    def _run(self) -> None:
+        try:
+            if self.cuda:
+                torch.cuda.set_device(self.device)  # the current device is per thread
+                self._stream = torch.cuda.Stream(self.device)
+            while not self._stop.is_set():
+                item = self._prepare()
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # handed to the training thread by next()
+            self._queue.put(e)
+
+    def next(self) -> tuple[list[tuple[int, dict]], dict]:
+        """``(micro-batches on the device, batcher state after them)`` of the next global batch."""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        micros, state, done = item
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            for _, b in micros:
+                for t in b.values():
+                    t.record_stream(stream)  # allocated on the side stream, used and freed on this one
+        return micros, state
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()
 
 
 def online_features(target, layer_ids: list[int]) -> Callable[[dict], torch.Tensor]:
@@ -463,6 +561,7 @@ class StepStats:
     correct: torch.Tensor  # [B] long, summed over ranks
     count: torch.Tensor  # [B] long
     tokens: int
+    grad_norm: Optional[float] = None  # after scaling, before clipping (when forward_backward clipped)
 
 
 def forward_backward(
@@ -475,41 +574,50 @@ def forward_backward(
     step: int,
     generator: torch.Generator,
     amp: bool = False,
+    grad_clip: Optional[float] = None,
 ) -> StepStats:
     """Accumulate the gradient of one global batch into ``.grad``.
 
     Each micro-batch backpropagates ``loss_num * world_size``; DDP / FSDP average over ranks and
     the gradients are then divided by the global ``Σw + 1e-6``: the result is the gradient of the
-    global weighted mean, whatever the split over ranks and micro-batches (SPEC).
+    global weighted mean, whatever the split over ranks and micro-batches (SPEC). With ``grad_clip``
+    (``<= 0``: norm only) the global gradient norm is computed and clipped too. The sums, the
+    scaling and the clipping stay on the device; the step reads them back in one transfer at its end.
+    The batch ids were checked on the host (``check_token_ids``), so the model runs with the
+    d2kernels range checks off (each costs a device sync).
     """
-    # Running sums stay on the model's device: one transfer per step, not one sync per micro-batch.
-    num = den = correct = count = tokens = 0
+    sums = None  # [num, den, correct[B], count[B], tokens] float64 on the device
     amp_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     for j, (index, batch) in enumerate(micros):
         generator.manual_seed(anchor_seed(seed, step, index))
         target_hidden = features(batch)
-        with ddist.no_sync(model, j < len(micros) - 1):
+        with ddist.no_sync(model, j < len(micros) - 1), d2kernels.validation("off"):
             with amp_ctx:
                 out = model(batch["input_ids"], target_hidden, batch["loss_mask"], generator=generator)
             (out.loss_num * info.world_size).backward()
-        num = num + out.loss_num.detach().double()
-        den = den + out.loss_den.detach().double()
-        correct = correct + out.correct_per_slot.detach()
-        count = count + out.count_per_slot.detach()
-        tokens = tokens + batch["attention_mask"].sum()
-    B = correct.numel()
-    tot = ddist.all_reduce_sum([num, den, correct, count, tokens], info)
-    g_num, g_den = float(tot[0]), float(tot[1])
-    scale = 1.0 / (g_den + 1e-6)
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(scale)
+        part = torch.cat([
+            out.loss_num.detach().double().view(1), out.loss_den.detach().double().view(1),
+            out.correct_per_slot.double(), out.count_per_slot.double(), batch["attention_mask"].sum().double().view(1),
+        ])
+        sums = part if sums is None else sums + part
+    B = (sums.numel() - 3) // 2
+    tot = ddist.all_reduce_sum(sums, info, to_host=False)
+    params = [p for p in model.parameters() if p.grad is not None]
+    scale = 1.0 / (tot[1] + 1e-6)
+    if params:  # FSDP2 gradients are DTensors: scale their local shards
+        torch._foreach_mul_([getattr(p.grad, "_local_tensor", p.grad) for p in params], scale.float())
+    if grad_clip is not None:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        tot = torch.cat([tot, norm.detach().double().view(1).to(tot.device)])
+    host = tot.cpu()  # the step's one device sync
     return StepStats(
-        loss=g_num * scale,
-        den=g_den,
-        correct=tot[2:2 + B].round().long(),
-        count=tot[2 + B:2 + 2 * B].round().long(),
-        tokens=int(tot[-1]),
+        loss=float(host[0] / (host[1] + 1e-6)),
+        den=float(host[1]),
+        correct=host[2:2 + B].round().long(),
+        count=host[2 + B:2 + 2 * B].round().long(),
+        tokens=int(host[2 + 2 * B]),
+        grad_norm=float(host[3 + 2 * B]) if grad_clip is not None else None,
     )
 
 
@@ -518,7 +626,9 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimi
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    # One fused kernel per step on CUDA (the foreach default launches several per tensor group).
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=fused or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -541,26 +651,35 @@ def make_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig) -> torch.op
 
 
 def build_model(run: Run, target, info: ddist.DistInfo):
-    """The drafter (initialized from the target, or the checkpoint's weights), wrapped for DDP / FSDP."""
-    from .models import build_drafter
+    """The drafter (initialized from the target, or the checkpoint's weights), wrapped for DDP / FSDP.
 
+    Built on its device (no multi-GB init on the CPU). Trainable weights are fp32 master copies
+    that compute in bf16 under autocast on CUDA; the frozen embed_tokens / lm_head keep the
+    target's dtype (see ``Drafter.init_from_target``). Decoder layers are compiled on CUDA
+    unless ``--no-compile``.
+    """
     torch.manual_seed(run.train.seed)
     try:
-        drafter = build_drafter(target.config, **run.drafter_args)
+        with torch.device(info.device):
+            drafter = build_drafter(target.config, **run.drafter_args)
     except (ValueError, TypeError) as e:
         raise UsageError(f"cannot build the drafter: {e}") from None
     drafter.init_from_target(target)
     if run.resume_from is not None:
-        from safetensors.torch import load_file
-
-        sd = load_file(str(run.resume_from / ckpt.DRAFTER_DIR / "model.safetensors"))
-        drafter.load_state_dict(sd)
+        drafter.load_state_dict(read_weights(str(run.resume_from / ckpt.DRAFTER_DIR)))
     drafter.to(info.device)
+    if use_compile(run, info):
+        drafter.compile_layers()
     return drafter, ddist.wrap_model(drafter, info, fsdp=run.fsdp)
 
 
+def use_compile(run: Run, info: ddist.DistInfo) -> bool:
+    return run.compile if run.compile is not None else info.device.type == "cuda"
+
+
 def _full_state(model, optimizer, run: Run):
-    """``(model_sd, optim_sd)`` as full tensors on CPU (gathered from FSDP shards when sharded)."""
+    """``(model_sd, optim_sd)``: full tensors gathered on CPU from FSDP shards; else the live ones
+    (``(None, optimizer.state_dict())``: the checkpointer copies them to host itself)."""
     if run.fsdp and dist_enabled():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -572,25 +691,17 @@ def dist_enabled() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def save(run: Run, step: int, model, optimizer, scheduler, batcher: Batcher, gen, info, drafter) -> Optional[Path]:
+def save(run: Run, step: int, model, optimizer, scheduler, data_state: dict, gen, info, drafter,
+         saver: Optional[ckpt.AsyncCheckpointer]) -> Optional[Path]:
+    """Queue checkpoint ``step`` (rank 0 writes it in the background); returns its final path."""
     model_sd, optim_sd = _full_state(model, optimizer, run)
     path = None
     if info.is_main:
-        def write_drafter(d: Path) -> None:
-            if model_sd is not None:
-                # FSDP: save_pretrained reads a full (gathered) copy, not the local shards.
-                cls = next(c for c in type(drafter).__mro__ if not c.__name__.startswith("FSDP"))
-                clone = cls(drafter.config)
-                clone.load_state_dict(model_sd)
-                clone.save_pretrained(str(d))
-            else:
-                drafter.save_pretrained(str(d))
-
         state = {
             "step": step,
             "optimizer": optim_sd,
             "scheduler": scheduler.state_dict(),
-            "data": batcher.state_dict(),
+            "data": data_state,
             "rng": ckpt.capture_rng_state(gen),
             "run_opts": run.opts,
             "train_config": dataclasses.asdict(run.train),
@@ -598,7 +709,9 @@ def save(run: Run, step: int, model, optimizer, scheduler, batcher: Batcher, gen
             "world_size": info.world_size,
             "fsdp": run.fsdp,
         }
-        path = ckpt.save_checkpoint(run.out / "checkpoints", step, write_drafter, state, run.train.keep_last)
+        sd = model_sd if model_sd is not None else drafter.state_dict()
+        config = drafter_json(drafter.config, drafter.fc.weight.dtype)
+        path = saver.save(step, config, sd, state)
     ddist.barrier(info)
     return path
 
@@ -723,43 +836,68 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
 
     t = run.train
     metrics = Metrics(run.out, info.is_main, start_step if run.resume_from else None)
+    saver = ckpt.AsyncCheckpointer(run.out / "checkpoints", t.keep_last, frozen=TARGET_PARTS) if info.is_main else None
+    prefetch = Prefetcher(batcher, examples, pad_id, info.device, drafter.config.vocab_size)
     amp = info.device.type == "cuda"
-    params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=t.max_steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True, file=sys.stderr)
     last = None
     step = start_step
     t0 = time.time()
-    with StopFlag() as stop:
-        while step < t.max_steps:
-            micros = [(i, collate([examples[k] for k in idx], pad_id, info.device)) for i, idx in batcher.next()]
-            ts = time.time()
-            s = forward_backward(model, micros, features, info, seed=t.seed, step=step, generator=gen, amp=amp)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.time() - ts
-            # None where a slot is never supervised (e.g. D2 prefix slots 0 and 1).
-            acc_slot = [c / n if n else None for c, n in zip(s.correct.tolist(), s.count.tolist())]
-            acc = float(s.correct.sum()) / max(1, int(s.count.sum()))
-            bar.update(1)
-            slots = "/".join("-" if a is None else f"{a:.2f}" for a in acc_slot)
-            bar.set_postfix(loss=f"{s.loss:.3f}", acc=f"{acc:.3f}", acc_slot=slots, tok_s=f"{s.tokens / dt:.0f}")
-            if step % t.log_every == 0 or step == t.max_steps:
-                metrics.log({
-                    "step": step, "loss": s.loss, "acc": acc, "acc_per_slot": acc_slot, "lr": lr,
-                    "grad_norm": float(gnorm), "tokens_per_s": s.tokens / dt, "supervised_weight": s.den,
-                    "time": time.time() - t0,
-                })
-            stopping = ddist.any_rank(stop.hit, info)
-            if stopping or step == t.max_steps or (t.save_every > 0 and step % t.save_every == 0):
-                last = save(run, step, model, optimizer, scheduler, batcher, gen, info, drafter)
-            if stopping:
-                bar.close()
-                log(f"stop signal: checkpoint saved at step {step}; resume with --resume {run.out}")
-                break
+    window = {"tokens": 0, "start": time.time(), "save_stall": 0.0}  # since the last metrics row
+    first = True
+    try:
+        with StopFlag() as stop:
+            while step < t.max_steps:
+                micros, data_state = prefetch.next()
+                ts = time.time()
+                s = forward_backward(model, micros, features, info, seed=t.seed, step=step, generator=gen, amp=amp,
+                                     grad_clip=t.grad_clip)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                dt = time.time() - ts
+                if first:
+                    log(f"first step: {dt:.1f}s (includes{' compiling the layers and' if use_compile(run, info) else ''} "
+                        f"the kernels' first launches)")
+                    first = False
+                window["tokens"] += s.tokens
+                # None where a slot is never supervised (e.g. D2 prefix slots 0 and 1).
+                acc_slot = [c / n if n else None for c, n in zip(s.correct.tolist(), s.count.tolist())]
+                acc = float(s.correct.sum()) / max(1, int(s.count.sum()))
+                bar.update(1)
+                slots = "/".join("-" if a is None else f"{a:.2f}" for a in acc_slot)
+                bar.set_postfix(loss=f"{s.loss:.3f}", acc=f"{acc:.3f}", acc_slot=slots, tok_s=f"{s.tokens / dt:.0f}")
+                stopping = ddist.any_rank(stop.hit, info)
+                if stopping or step == t.max_steps or (t.save_every > 0 and step % t.save_every == 0):
+                    tsave = time.time()
+                    last = save(run, step, model, optimizer, scheduler, data_state, gen, info, drafter, saver)
+                    window["save_stall"] += time.time() - tsave
+                if step % t.log_every == 0 or step == t.max_steps:
+                    now = time.time()
+                    row = {
+                        "step": step, "loss": s.loss, "acc": acc, "acc_per_slot": acc_slot, "lr": lr,
+                        "grad_norm": s.grad_norm, "tokens_per_s": s.tokens / dt, "supervised_weight": s.den,
+                        "time": now - t0, "step_s": dt, "tokens": window["tokens"],
+                        # throughput over the logging window, data waits and save stalls included
+                        "window_tokens_per_s": window["tokens"] / max(now - window["start"], 1e-9),
+                        "save_stall_s": window["save_stall"],
+                    }
+                    if info.device.type == "cuda":
+                        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+                    metrics.log(row)
+                    window = {"tokens": 0, "start": now, "save_stall": 0.0}
+                if stopping:
+                    if saver is not None:
+                        saver.wait()
+                    bar.close()
+                    log(f"stop signal: checkpoint saved at step {step}; resume with --resume {run.out}")
+                    break
+            if saver is not None:
+                saver.wait()  # the last checkpoint is on disk before the run reports it
+    finally:
+        prefetch.close()
     bar.close()
     plot = metrics.plot(run.out)
     metrics.close()
@@ -803,8 +941,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             del target
         optimizer = make_optimizer(model, run.train)
         scheduler = make_scheduler(optimizer, run.train)
+        lengths = examples.lengths() if isinstance(examples, _CacheSamples) else [len(e["input_ids"]) for e in examples]
         batcher = Batcher(len(examples), run.train.global_batch_size, run.train.micro_batch_size,
-                          info.world_size, info.rank, run.train.seed)
+                          info.world_size, info.rank, run.train.seed, lengths=lengths)
     except (UsageError, ckpt.CorruptCheckpoint, FileNotFoundError) as e:
         print(f"python -m d2sd.train: error: {e}", file=sys.stderr, flush=True)
         return 2

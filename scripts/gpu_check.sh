@@ -4,7 +4,8 @@
 # Short summary table last. Usage (repo root):  COMMIT=$(git rev-parse --short HEAD) scripts/gpu_check.sh
 # Carry: .whl (Liger-Kernel / Cut Cross-Entropy wheels, optional), build/libd2kernels_cuda.so (optional).
 # Env: ATTN_ARGS / ATTN_SECS (e.g. "--sweep --skip-check" / 200), TRAIN_ARGS / TRAIN_SECS, CE_EXTRA.
-# Env: STAGES (default "tests train attn ce emb"; also "cetests"; all five exceed one 10-minute device call: run
+# Env: STAGES (default "tests train attn ce emb"; also "cetests", "fast" (the trainer's GPU tests) and "e2e"
+# (python -m d2sd.train end to end at the Qwen3-4B shape, benchmarks/train_e2e.py; E2E_ARGS, E2E_SECS); all five exceed one 10-minute device call: run
 # STAGES="tests train" and STAGES="attn ce emb" as two calls), OUT (logs; default /tmp/gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,8 @@ for s in ${STAGES:-tests train attn ce emb}; do
     train) stage train "${TRAIN_SECS:-180}" python3 scripts/gpu_train_step.py --max-batch 16 --iters 8 ${TRAIN_ARGS:-} ;;
     attn)  stage attn "${ATTN_SECS:-80}" python3 scripts/gpu_attention.py --out "$OUT" ${ATTN_ARGS:-} ;;
     ce)    stage ce 200 python3 scripts/gpu_cross_entropy.py --extra "${CE_EXTRA:-8192x4096x262144}" ;;
+    fast)  stage fast 240 python3 -m pytest tests/test_train_fast_path.py -q -p no:cacheprovider -rfE ;;
+    e2e)   stage e2e "${E2E_SECS:-420}" python3 benchmarks/train_e2e.py --work /tmp/e2e --json "$OUT/e2e.json" --logs "$OUT" ${E2E_ARGS:-} ;;
     emb)   stage emb 45 python3 -m pytest benchmarks/test_embedding.py -q -p no:cacheprovider --benchmark-columns=median,rounds ;;
   esac
 done

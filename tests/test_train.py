@@ -170,7 +170,7 @@ def test_resume_refuses_corrupt_newest_checkpoint(reference_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(reference_run[0], run)
     newest = run / "checkpoints" / ckpt.step_dir_name(STEPS)
-    f = newest / "drafter" / "model.safetensors"
+    f = newest / "drafter" / "model-00001-of-00002.safetensors"  # the trainable shard
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     out = _run(["--resume", str(run), "--max-steps", str(STEPS)])
     assert "refusing corrupt checkpoint" in out and ckpt.step_dir_name(STEPS) in out

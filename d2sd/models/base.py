@@ -121,18 +121,40 @@ class Drafter(nn.Module):
 
     @torch.no_grad()
     def init_from_target(self, target_model: nn.Module) -> "Drafter":
-        """Copy the target's input embeddings and lm_head into the drafter and freeze them."""
+        """Copy the target's input embeddings and lm_head into the drafter and freeze them.
+
+        The copies keep the target's dtype (bf16 for a bf16 target), whatever the trainable
+        weights' dtype: the frozen parts are never trained, and the fused cross-entropy and the
+        noise embedding then run on their bf16 paths instead of on an fp32 copy.
+        """
         emb = target_model.get_input_embeddings().weight
         head = target_model.get_output_embeddings()
         head = emb if head is None else head.weight
-        for name, src, dst in (("embed_tokens", emb, self.embed_tokens.weight), ("lm_head", head, self.lm_head.weight)):
-            if tuple(src.shape) != tuple(dst.shape):
+        for name, src in (("embed_tokens", emb), ("lm_head", head)):
+            module = getattr(self, name)
+            if tuple(src.shape) != tuple(module.weight.shape):
                 raise ValueError(
-                    f"target {name} is {tuple(src.shape)} but the drafter expects {tuple(dst.shape)} "
+                    f"target {name} is {tuple(src.shape)} but the drafter expects {tuple(module.weight.shape)} "
                     f"(vocab_size={self.config.vocab_size}, hidden_size={self.config.hidden_size})"
                 )
-            dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+            module.weight = nn.Parameter(src.detach().to(module.weight.device).clone(), requires_grad=False)
         self.freeze_target_parts()
+        return self
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the layers compute in: the autocast dtype when autocast is on, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.fc.weight.dtype
+
+    def compile_layers(self, **compile_kwargs) -> "Drafter":
+        """``torch.compile`` each decoder layer (the d2kernels ops stay opaque custom ops inside).
+
+        The layers share one code object, so one compile serves all of them; ``_run_layers`` marks
+        the sequence length dynamic, so a new length does not recompile.
+        """
+        for layer in self.layers:
+            layer.compile(**compile_kwargs)
         return self
 
     # -- shared computation -----------------------------------------------------------------
@@ -144,15 +166,20 @@ class Drafter(nn.Module):
                 f"target_hidden must be [Bt, S, L*H] with L*H = {len(self.config.target_layer_ids)}*"
                 f"{self.config.hidden_size} = {want}, got {tuple(target_hidden.shape)}"
             )
-        return self.hidden_norm(self.fc(target_hidden.to(self.fc.weight.dtype)))
+        # Under autocast fc runs in the autocast dtype anyway: no fp32 copy of the [S, L*H] features.
+        return self.hidden_norm(self.fc(target_hidden.to(self.compute_dtype(target_hidden.device))))
 
     def _run_layers(self, x, ctx, anchors, keep, block_size):
         """``x [Bt, N*B, H]`` draft states, ``ctx [Bt, S, H]`` -> final normed states ``[Bt, N*B, H]``."""
         Bt, S = ctx.shape[:2]
+        # Sequence lengths vary from batch to batch: compiled layers take S as a symbol, not a constant.
+        torch._dynamo.maybe_mark_dynamic(ctx, 1)
         pos_ctx = torch.arange(S, device=ctx.device)[None]  # [1, S]
         pos_draft = layout.draft_positions(anchors, block_size)  # [Bt, N*B]
         inv_freq = self._inv_freq_on(ctx.device)
         rope_ctx = rope_cos_sin(inv_freq, self.rope_scaling, pos_ctx, x.dtype)
+        for t in rope_ctx:
+            torch._dynamo.maybe_mark_dynamic(t, 1)
         rope_draft = rope_cos_sin(inv_freq, self.rope_scaling, pos_draft, x.dtype)
         for layer in self.layers:
             x = layer(x, ctx, rope_draft, rope_ctx, anchors, keep, block_size)

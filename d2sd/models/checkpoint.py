@@ -21,7 +21,12 @@ from torch import nn
 from ..config import DrafterConfig
 from .base import CONFIG_NAME, DEEPSPEC_ARCH, WEIGHTS_NAME, Drafter, read_json, write_json
 
-__all__ = ["save_drafter", "load_drafter", "detect_format", "FORMATS", "check_dflash_exportable"]
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+__all__ = [
+    "save_drafter", "load_drafter", "detect_format", "FORMATS", "check_dflash_exportable", "drafter_json",
+    "read_weights", "weight_files", "shard_name",
+]
 
 FORMATS = ("deepspec", "dflash")
 DFLASH_ARCH = "DFlashDraftModel"
@@ -53,34 +58,73 @@ def _state_dict_cpu(drafter: Drafter) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in drafter.state_dict().items()}
 
 
+def drafter_json(cfg: DrafterConfig, dtype: torch.dtype, format: str = "deepspec") -> dict:
+    """The ``config.json`` body of a drafter of config ``cfg`` whose trainable weights are ``dtype``."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format == "deepspec":
+        return {"architectures": [DEEPSPEC_ARCH], **cfg.to_dict(), "torch_dtype": str(dtype).replace("torch.", "")}
+    check_dflash_exportable(cfg)
+    from .qwen3 import qwen3_config_of
+
+    config = qwen3_config_of(cfg).to_dict()
+    config.update(
+        architectures=[DFLASH_ARCH],
+        block_size=cfg.block_size,
+        num_target_layers=cfg.num_target_layers,
+        dflash_config={"target_layer_ids": list(cfg.target_layer_ids), "mask_token_id": cfg.mask_token_id},
+        dtype=str(dtype).replace("torch.", ""),
+    )
+    config[D2SD_EXTRA_KEY] = {k: getattr(cfg, k) for k in D2SD_EXTRA_FIELDS}
+    return config
+
+
 def save_drafter(drafter: Drafter, save_directory: str, format: str = "deepspec") -> None:
     from safetensors.torch import save_file
 
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    cfg = drafter.config
+    config = drafter_json(drafter.config, drafter.fc.weight.dtype, format)
     sd = _state_dict_cpu(drafter)
-    dtype = drafter.fc.weight.dtype
-    if format == "deepspec":
-        config = {"architectures": [DEEPSPEC_ARCH], **cfg.to_dict(), "torch_dtype": str(dtype).replace("torch.", "")}
-    else:
-        check_dflash_exportable(cfg)
-        from .qwen3 import qwen3_config_of
-
-        config = qwen3_config_of(cfg).to_dict()
-        config.update(
-            architectures=[DFLASH_ARCH],
-            block_size=cfg.block_size,
-            num_target_layers=cfg.num_target_layers,
-            dflash_config={"target_layer_ids": list(cfg.target_layer_ids), "mask_token_id": cfg.mask_token_id},
-            dtype=str(dtype).replace("torch.", ""),
-        )
-        config[D2SD_EXTRA_KEY] = {k: getattr(cfg, k) for k in D2SD_EXTRA_FIELDS}
+    if format == "dflash":
         for k in TARGET_PARTS:
             sd.pop(k)
     os.makedirs(save_directory, exist_ok=True)
     write_json(config, os.path.join(save_directory, CONFIG_NAME))
     save_file(sd, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt", "d2sd_format": format})
+
+
+def shard_name(i: int, n: int) -> str:
+    """Hugging Face's shard file name ``model-0000i-of-0000n.safetensors`` (i from 1)."""
+    return f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a drafter folder: ``model.safetensors``, or the shards its index names."""
+    single = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return [single]
+    index = os.path.join(path, WEIGHTS_INDEX_NAME)
+    if not os.path.isfile(index):
+        return []
+    try:
+        weight_map = read_json(index)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({e})") from None
+    files = [os.path.join(path, n) for n in names]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise ValueError(f"{index} names shard(s) that are missing: {missing}")
+    return files
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a drafter folder (single file or sharded), on the CPU."""
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        sd.update(load_file(f))
+    return sd
 
 
 def detect_format(config: dict) -> Optional[str]:
@@ -166,18 +210,17 @@ def load_drafter(
     the dflash format, whose embed_tokens / lm_head are copied from it. ``dtype`` defaults to the
     saved weights' dtype; ``backend`` overrides the saved d2kernels backend.
     """
-    from safetensors.torch import load_file
-
     from . import drafter_class
 
-    cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"drafter checkpoint folder {path!r} does not exist")
-    if not os.path.isfile(cfg_path) or not os.path.isfile(w_path):
+    if not os.path.isfile(cfg_path) or not weight_files(path):
         raise ValueError(
-            f"{path!r} is not a drafter checkpoint: expected {CONFIG_NAME} and {WEIGHTS_NAME}, found "
-            f"{sorted(os.listdir(path))}"
+            f"{path!r} is not a drafter checkpoint: expected {CONFIG_NAME} and {WEIGHTS_NAME} (or "
+            f"{WEIGHTS_INDEX_NAME} and its shards), found {sorted(os.listdir(path))}"
         )
+    w_path = ", ".join(weight_files(path))
     config = read_json(cfg_path)
     fmt = detect_format(config)
     if fmt is None:
@@ -196,8 +239,9 @@ def load_drafter(
         )
     if target is not None:
         _check_against_target(cfg, target, path)
-    sd = load_file(w_path)
-    floats = [t.dtype for t in sd.values() if t.is_floating_point()]
+    sd = read_weights(path)
+    # A training checkpoint holds fp32 trainable weights beside bf16 frozen ones: the trainable ones decide.
+    floats = [t.dtype for k, t in sd.items() if t.is_floating_point() and k not in TARGET_PARTS]
     dtype = dtype or (floats[0] if floats else torch.float32)
     drafter = drafter_class(cfg.model_type)(cfg).to(dtype)
     expected = set(drafter.state_dict())
