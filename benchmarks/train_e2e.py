@@ -133,6 +133,8 @@ def run_train(mode: str, argv: list[str], out: Path, warmup_rows: int = 3, timeo
         raise RuntimeError(f"{mode}: `{' '.join(cmd)}` exited {proc.returncode}:\n{text[-4000:]}")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # gigabytes each at the real shape
+    if log_file is not None and (out / "profile.txt").is_file():
+        shutil.copy(out / "profile.txt", log_file.with_suffix(".profile.txt"))
     warm = rows[warmup_rows:] or rows
     dur = [r["tokens"] / r["window_tokens_per_s"] for r in warm]
     quiet = [(r, d) for r, d in zip(warm, dur) if r["save_stall_s"] == 0]
@@ -148,6 +150,13 @@ def run_train(mode: str, argv: list[str], out: Path, warmup_rows: int = 3, timeo
         peak_mem_gib=max((r.get("peak_mem_gib") or 0 for r in rows), default=None),
         seconds=seconds,
         final_loss=rows[-1]["loss"] if rows else None,
+        extra={
+            # the loop's own cost of a save (host copy), apart from waiting for the previous write
+            "save_snapshot_s": max((r["save_stall_s"] - r.get("save_wait_s", 0) for r in rows), default=0.0),
+            "save_wait_s": max((r.get("save_wait_s", 0) for r in rows), default=0.0),
+            "save_write_s": max((r.get("save_write_s") or 0 for r in rows), default=0.0),
+            "data_wait_share": sum(r.get("data_wait_s", 0) for r in warm) / max(sum(dur), 1e-9),
+        },
     )
 
 
@@ -212,12 +221,15 @@ def run_mode(setup: Setup, mode: str, log_dir: Optional[Path] = None) -> RunResu
 
 
 def table(results: list[RunResult]) -> str:
-    head = "| mode | tokens/s (steady) | tokens/s (with saves) | ms/step | first step s | save stall s | peak GiB |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    head = ("| mode | tokens/s (steady) | tokens/s (with saves) | ms/step | first step s | save stall s "
+            "(snapshot / wait / write) | data wait | peak GiB |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in results:
+        x = r.extra
         lines.append(f"| {r.mode} | {r.tokens_per_s:,.0f} | {r.tokens_per_s_with_saves:,.0f} | {r.ms_per_step:.1f} | "
-                     f"{r.first_step_s if r.first_step_s is not None else float('nan'):.1f} | {r.save_stall_s:.2f} | "
-                     f"{(r.peak_mem_gib or 0):.1f} |")
+                     f"{r.first_step_s if r.first_step_s is not None else float('nan'):.1f} | {r.save_stall_s:.2f} "
+                     f"({x.get('save_snapshot_s', 0):.2f} / {x.get('save_wait_s', 0):.2f} / {x.get('save_write_s', 0):.1f}) | "
+                     f"{100 * x.get('data_wait_share', 0):.1f}% | {(r.peak_mem_gib or 0):.1f} |")
     return "\n".join(lines)
 
 

@@ -284,6 +284,24 @@ class HostSnapshot:
             buf = self._pool[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         return buf.copy_(t, non_blocking=True)
 
+    def reserve(self, tree: Any, key: str = "") -> None:
+        """Allocate (without copying) the host buffers ``take(tree, key)`` will use: page-locking
+        gigabytes takes seconds, better spent before the first save than inside it."""
+        if isinstance(tree, torch.Tensor):
+            if tree.device.type == "cuda" and key not in self._pool:
+                self._pool[key] = torch.empty(tree.shape, dtype=tree.dtype, pin_memory=True)
+        elif isinstance(tree, dict):
+            for k, v in tree.items():
+                self.reserve(v, f"{key}/{k}")
+        elif isinstance(tree, (list, tuple)):
+            for i, v in enumerate(tree):
+                self.reserve(v, f"{key}/{i}")
+
+    def drop(self, prefix: str) -> None:
+        """Free the buffers of keys under ``prefix``."""
+        for k in [k for k in self._pool if k.startswith(prefix)]:
+            del self._pool[k]
+
     def take(self, tree: Any, key: str = "") -> Any:
         if isinstance(tree, torch.Tensor):
             return self._copy(tree, key)
@@ -330,8 +348,20 @@ class AsyncCheckpointer:
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self._frozen_shard: Optional[_FrozenShard] = None
+        self._reserving: Optional[threading.Thread] = None
         self.last_path: Optional[Path] = None
         self.write_seconds: Optional[float] = None  # of the last finished background write
+        self.wait_seconds = 0.0  # how long the last save() waited for the write before it
+
+    def reserve(self, model_sd: dict[str, torch.Tensor], trainer_state: dict[str, Any]) -> None:
+        """Allocate the host buffers of a save of these tensors in the background (call once training
+        runs, e.g. after the first optimizer step has created its state)."""
+        if self._reserving is None and torch.cuda.is_available():
+            self._reserving = threading.Thread(
+                target=lambda: (self._snap.reserve(model_sd, "model"), self._snap.reserve(trainer_state, "state")),
+                name="d2sd-save-reserve", daemon=True,
+            )
+            self._reserving.start()
 
     def _frozen_reusable(self) -> bool:
         f = self._frozen_shard
@@ -340,7 +370,11 @@ class AsyncCheckpointer:
     def save(self, step: int, drafter_config: dict, model_sd: dict[str, torch.Tensor],
              trainer_state: dict[str, Any]) -> Path:
         """Snapshot ``model_sd`` and ``trainer_state`` to host and write checkpoint ``step`` in the background."""
+        t0 = time.time()
         self.wait()
+        if self._reserving is not None:
+            self._reserving.join()
+        self.wait_seconds = time.time() - t0
         reuse = self._frozen_reusable()
         sd = {k: v for k, v in model_sd.items() if not (reuse and k in self.frozen)}
         host_sd = self._snap.take(sd, "model")
@@ -398,6 +432,8 @@ class AsyncCheckpointer:
             rel = str(Path(DRAFTER_DIR) / frozen_name)
             shard = path / rel
             self._frozen_shard = _FrozenShard(shard, manifest["files"][rel]["sha256"], shard.stat().st_size)
+            for k in self.frozen:  # later saves link the shard: its host buffers are not needed again
+                self._snap.drop(f"model/{k}")
             self.last_path = path
         except BaseException as e:  # re-raised in the training thread by the next save / wait
             self._error = e

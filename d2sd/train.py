@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fsdp", action="store_true", help="shard the drafter with FSDP2 fully_shard instead of DDP")
     g.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the drafter's decoder layers (default: on for CUDA, off on CPU)")
+    g.add_argument("--profile-steps", type=int, metavar="N",
+                   help="profile N steps after the first 3 (torch.profiler): top kernels and the device's "
+                        "busy share go to RUN_DIR/profile.txt")
     g.add_argument("--d2", dest="enable_d2_feature", action=argparse.BooleanOptionalAction,
                    help="D2 (variable-prefix) training; --no-d2 = plain DFlash")
     g.add_argument("--dflash-labels", dest="dflash_labels", choices=("shifted", "same"),
@@ -830,6 +833,44 @@ class StopFlag:
         self.hit = True
 
 
+def new_window() -> dict:
+    return {"tokens": 0, "start": time.time(), "save_stall": 0.0, "save_wait": 0.0, "data_wait": 0.0}
+
+
+class StepProfiler:
+    """``--profile-steps N``: torch.profiler over steps ``start .. start+N-1``, summarized to ``path``."""
+
+    def __init__(self, path: Path, start: int, steps: int):
+        self.path, self.start, self.stop = path, start, start + steps
+        self.prof = None
+        self.t0 = 0.0
+
+    def before(self, step: int) -> None:
+        if step == self.start and self.stop > self.start:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+            self.t0 = time.time()
+
+    def after(self, step: int) -> None:
+        if self.prof is None or step < self.stop:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.time() - self.t0
+        self.prof.__exit__(None, None, None)
+        avg = self.prof.key_averages()
+        busy = sum(getattr(e, "self_device_time_total", 0) for e in avg) / 1e6
+        table = avg.table(sort_by="self_device_time_total" if busy else "self_cpu_time_total", row_limit=30)
+        self.path.write_text(f"steps {self.start}..{self.stop - 1}: wall {wall:.3f}s, device busy {busy:.3f}s "
+                             f"({100 * busy / max(wall, 1e-9):.0f}%)\n{table}\n")
+        log(f"profile of steps {self.start}..{self.stop - 1} (device busy {100 * busy / max(wall, 1e-9):.0f}% of "
+            f"{wall:.2f}s): {self.path}")
+        self.prof = None
+
+
 def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, features, info, start_step,
                gen: torch.Generator, pad_id: int) -> dict:
     from tqdm import tqdm
@@ -843,13 +884,17 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
     last = None
     step = start_step
     t0 = time.time()
-    window = {"tokens": 0, "start": time.time(), "save_stall": 0.0}  # since the last metrics row
+    window = new_window()  # since the last metrics row
     first = True
+    profiler = StepProfiler(run.out / "profile.txt", start=start_step + 3, steps=int(run.opts.get("profile_steps") or 0))
     try:
         with StopFlag() as stop:
             while step < t.max_steps:
+                profiler.before(step)
+                tw = time.time()
                 micros, data_state = prefetch.next()
                 ts = time.time()
+                window["data_wait"] += ts - tw
                 s = forward_backward(model, micros, features, info, seed=t.seed, step=step, generator=gen, amp=amp,
                                      grad_clip=t.grad_clip)
                 lr = scheduler.get_last_lr()[0]
@@ -858,10 +903,13 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 dt = time.time() - ts
+                profiler.after(step)
                 if first:
                     log(f"first step: {dt:.1f}s (includes{' compiling the layers and' if use_compile(run, info) else ''} "
                         f"the kernels' first launches)")
                     first = False
+                    if saver is not None and not (run.fsdp and dist_enabled()):
+                        saver.reserve(drafter.state_dict(), {"optimizer": optimizer.state_dict()})
                 window["tokens"] += s.tokens
                 # None where a slot is never supervised (e.g. D2 prefix slots 0 and 1).
                 acc_slot = [c / n if n else None for c, n in zip(s.correct.tolist(), s.count.tolist())]
@@ -874,6 +922,7 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
                     tsave = time.time()
                     last = save(run, step, model, optimizer, scheduler, data_state, gen, info, drafter, saver)
                     window["save_stall"] += time.time() - tsave
+                    window["save_wait"] += saver.wait_seconds if saver is not None else 0.0
                 if step % t.log_every == 0 or step == t.max_steps:
                     now = time.time()
                     row = {
@@ -883,11 +932,14 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
                         # throughput over the logging window, data waits and save stalls included
                         "window_tokens_per_s": window["tokens"] / max(now - window["start"], 1e-9),
                         "save_stall_s": window["save_stall"],
+                        "save_wait_s": window["save_wait"],  # part of the stall spent waiting for the previous write
+                        "data_wait_s": window["data_wait"],
+                        "save_write_s": saver.write_seconds if saver is not None else None,
                     }
                     if info.device.type == "cuda":
                         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
                     metrics.log(row)
-                    window = {"tokens": 0, "start": now, "save_stall": 0.0}
+                    window = new_window()
                 if stopping:
                     if saver is not None:
                         saver.wait()
