@@ -339,7 +339,8 @@ def test_resume_with_a_different_target_is_refused(reference_run, tmp_path, caps
     other = tmp_path / "other-target"
     AutoModelForCausalLM.from_config(cfg).save_pretrained(other)
     AutoTokenizer.from_pretrained(tiny_target_path()).save_pretrained(other)
-    err = _main_error(["--resume", str(reference_run[0]), "--target", str(other)], capsys)
+    err = _main_error(["--resume", str(reference_run[0]), "--target", str(other), "--max-steps", str(STEPS + 1)],
+                      capsys)
     assert "trained on a target with hidden 128" in err and "has hidden 64" in err
 
 
