@@ -21,7 +21,7 @@ from torch import nn
 from ..config import DrafterConfig
 from .base import CONFIG_NAME, DEEPSPEC_ARCH, WEIGHTS_NAME, Drafter, read_json, write_json
 
-__all__ = ["save_drafter", "load_drafter", "detect_format", "FORMATS", "check_dflash_exportable"]
+__all__ = ["save_drafter", "load_drafter", "detect_format", "FORMATS", "check_dflash_exportable", "vp_untrained_slots"]
 
 FORMATS = ("deepspec", "dflash")
 DFLASH_ARCH = "DFlashDraftModel"
@@ -47,6 +47,13 @@ def check_dflash_exportable(cfg: DrafterConfig) -> None:
             "drafter was trained to predict anchor+k+1, so every proposal would be off by one. Export it "
             "with format='deepspec', or train with dflash_labels='same' (or D2 on) for z-lab/SpecForge."
         )
+
+
+def vp_untrained_slots(cfg: DrafterConfig) -> list[int]:
+    """Draft slots a D2 (VP) drafter never learned to fill: 1 .. p_min-1, always visible in training."""
+    if not cfg.enable_d2_feature:
+        return []
+    return list(range(1, min(2, cfg.block_size - 1)))
 
 
 def _state_dict_cpu(drafter: Drafter) -> dict[str, torch.Tensor]:
@@ -76,11 +83,19 @@ def save_drafter(drafter: Drafter, save_directory: str, format: str = "deepspec"
             dtype=str(dtype).replace("torch.", ""),
         )
         config[D2SD_EXTRA_KEY] = {k: getattr(cfg, k) for k in D2SD_EXTRA_FIELDS}
+        untrained = vp_untrained_slots(cfg)
+        if untrained:
+            # A plain DFlash reader ignores the d2sd block: say it where a person reading the config looks.
+            config.update(d2sd_trained_as="vp", d2sd_untrained_slots=untrained)
         for k in TARGET_PARTS:
             sd.pop(k)
     os.makedirs(save_directory, exist_ok=True)
     write_json(config, os.path.join(save_directory, CONFIG_NAME))
     save_file(sd, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt", "d2sd_format": format})
+    # safetensors creates its file 0600; a checkpoint is meant to be shared like any other file.
+    from ..checkpoint import readable_by_all
+
+    readable_by_all(os.path.join(save_directory, WEIGHTS_NAME))
 
 
 def detect_format(config: dict) -> Optional[str]:
@@ -196,7 +211,12 @@ def load_drafter(
         )
     if target is not None:
         _check_against_target(cfg, target, path)
-    sd = load_file(w_path)
+    try:
+        sd = load_file(w_path)
+    except Exception as e:  # safetensors' SafetensorError has no narrower public base
+        if type(e).__name__ != "SafetensorError" and not isinstance(e, OSError):
+            raise
+        raise ValueError(f"cannot read {w_path} (damaged or truncated file?): {e}") from None
     floats = [t.dtype for t in sd.values() if t.is_floating_point()]
     dtype = dtype or (floats[0] if floats else torch.float32)
     drafter = drafter_class(cfg.model_type)(cfg).to(dtype)
