@@ -178,6 +178,56 @@ def test_bad_optimizer_options_are_one_line_errors(opt, value, msg, data_file, t
     _one_line_error(err, msg)
 
 
+# ------------------------------------------------------------------ item 2: export never touches its input
+
+
+@pytest.fixture
+def drafter_ckpt(base_run, tmp_path):
+    return ckpt.list_checkpoints(base_run / "checkpoints")[-1]
+
+
+def _export(args, capsys, rc):
+    from d2sd.export import main as export_main
+
+    assert export_main([str(a) for a in args]) == rc
+    return capsys.readouterr()
+
+
+def test_export_into_its_own_source_is_refused(base_run, tmp_path, capsys):
+    """Item 2: CKPT CKPT --format dflash overwrote the source, which then failed its checksum."""
+    run = _copy(base_run, tmp_path)
+    ck = ckpt.list_checkpoints(run / "checkpoints")[-1]
+    for out in (ck / "drafter", ck, ck / "drafter" / "sub"):
+        cap = _export([ck / "drafter", out, "--format", "dflash"], capsys, 2)
+        _one_line_error(cap.err, "overlap")
+    ckpt.verify_checkpoint(ck)
+
+
+def test_export_refuses_an_occupied_output_unless_overwrite(drafter_ckpt, tmp_path, capsys):
+    other = tmp_path / "other"
+    _export([drafter_ckpt / "drafter", other, "--format", "deepspec"], capsys, 0)
+    before = (other / "model.safetensors").read_bytes()
+    cap = _export([drafter_ckpt / "drafter", other, "--format", "dflash"], capsys, 2)
+    _one_line_error(cap.err, "is not empty", "--overwrite")
+    assert (other / "model.safetensors").read_bytes() == before
+    _export([drafter_ckpt / "drafter", other, "--format", "dflash", "--overwrite"], capsys, 0)
+    assert json.loads((other / "config.json").read_text())["architectures"] == ["DFlashDraftModel"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (tmp_path / "file").write_text("x")
+    _one_line_error(_export([drafter_ckpt / "drafter", tmp_path / "file", "--format", "dflash"], capsys, 2).err,
+                    "is a file")
+    _one_line_error(_export([drafter_ckpt / "drafter", tmp_path / "o", "--format", "dflash", "--target",
+                             tmp_path / "no-target"], capsys, 2).err, "does not exist")
+
+
+def test_vp_drafter_exported_to_dflash_is_marked(drafter_ckpt, tmp_path, capsys):
+    """Item 8: a D2 (VP) drafter exported to dflash said nothing about its never-trained slot 1."""
+    cap = _export([drafter_ckpt / "drafter", tmp_path / "zl", "--format", "dflash"], capsys, 0)
+    cfg = json.loads((tmp_path / "zl" / "config.json").read_text())
+    assert cfg["d2sd_trained_as"] == "vp" and cfg["d2sd_untrained_slots"] == [1]
+    assert "D2 (VP) drafter" in cap.err and "never trained" in cap.err
+
+
 # ------------------------------------------------------------------ item 3: malformed manifests
 
 
