@@ -42,6 +42,15 @@ SAVER = textwrap.dedent("""
 """)
 
 
+def _writer(nbytes):
+    """A write_drafter that writes one file of ``nbytes``."""
+    def write(d):
+        d.mkdir(parents=True)
+        (d / "w.bin").write_bytes(b"w" * nbytes)
+
+    return write
+
+
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("WORLD_SIZE", None)
@@ -64,21 +73,15 @@ def test_kill_9_at_random_points_of_a_save_never_loses_the_last_good_checkpoint(
         assert ckpt.load_trainer_state(best)["step"] == manifest["step"]
         # The next save (as a resumed run makes) cleans what the killed one left and keeps going.
         step = start + 999
-        ckpt.save_checkpoint(root, step, lambda d: (d.mkdir(parents=True), (d / "x").write_text("1")), {"step": step},
-                             keep_last=2)
+        ckpt.save_checkpoint(root, step, _writer(1), {"step": step}, keep_last=2)
         assert not [q for q in root.iterdir() if q.name.startswith(".")]
 
 
 def test_every_1_bit_flip_of_a_manifest_is_valid_or_corrupt_never_a_crash(tmp_path):
     """Issue #24 item 3: 5% of 1-bit variants crashed verify / resume / prune."""
     root = tmp_path / "checkpoints"
-
-    def write(d):
-        d.mkdir(parents=True)
-        (d / "w.bin").write_bytes(b"w" * 32)
-
-    older = ckpt.save_checkpoint(root, 1, write, {"step": 1}, keep_last=5)
-    newest = ckpt.save_checkpoint(root, 2, write, {"step": 2}, keep_last=5)
+    older = ckpt.save_checkpoint(root, 1, _writer(32), {"step": 1}, keep_last=5)
+    newest = ckpt.save_checkpoint(root, 2, _writer(32), {"step": 2}, keep_last=5)
     m = newest / ckpt.MANIFEST
     good = m.read_bytes()
     outcomes = {"valid": 0, "corrupt": 0}
@@ -111,11 +114,7 @@ def tiny_disk(tmp_path):
 
 def test_a_really_full_disk_fails_one_save_cleanly(tiny_disk):
     root = tiny_disk / "checkpoints"
-
-    def small(d):
-        d.mkdir(parents=True)
-        (d / "w.bin").write_bytes(b"w" * 1000)
-
+    small = _writer(1000)
     first = ckpt.save_checkpoint(root, 1, small, {"step": 1}, keep_last=2)
     with pytest.raises(ckpt.CheckpointWriteError, match="no space left"):
         ckpt.save_checkpoint(root, 2, small, {"step": 2, "big": torch.zeros(400_000)}, keep_last=2)

@@ -76,23 +76,9 @@ def _rows(out):
 # ------------------------------------------------------------------ item 1: non-finite values
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    from d2sd.assets import tiny_target_path
-    from d2sd.cache import write_cache
-    from d2sd.data import builtin_records, tokenize_chat
-    from d2sd.target import load_target
-
-    model, tok = load_target(tiny_target_path())
-    samples = [tokenize_chat(r, tok, 64) for r in builtin_records(4, seed=4)]
-    out = tmp_path_factory.mktemp("cache") / "c"
-    write_cache(out, model, tok, samples, layer_ids=[0, 2], progress=False)
-    return out
-
-
-def _cache_copy(cache_dir, tmp_path):
+def _cache_copy(target_cache, tmp_path):
     dst = tmp_path / "cache"
-    shutil.copytree(cache_dir, dst)
+    shutil.copytree(target_cache, dst)
     return dst
 
 
@@ -108,14 +94,14 @@ def _poke(cache, i, field, data: bytes, at=0):
 
 def _cache_args(cache, out, *extra):
     return ["--cache", str(cache), "--out", str(out), "--save-every", "1", "--log-every", "1",
-            "--global-batch-size", "4", "--micro-batch-size", "4", "--num-anchors", "4", "--keep-last", "1",
+            "--global-batch-size", "6", "--micro-batch-size", "6", "--num-anchors", "4", "--keep-last", "1",
             "--max-length", "64", *extra]
 
 
-def test_nan_in_a_cached_sample_stops_naming_the_step_and_keeps_the_last_good_checkpoint(cache_dir, tmp_path, capsys):
+def test_nan_in_a_cached_sample_stops_naming_the_step_and_keeps_the_last_good_checkpoint(target_cache, tmp_path, capsys):
     """Item 1: one bf16 NaN in one cached sample: exit 3, one line naming the step, no NaN checkpoint,
     the previous checkpoint neither overwritten nor pruned (keep_last 1)."""
-    cache = _cache_copy(cache_dir, tmp_path)
+    cache = _cache_copy(target_cache, tmp_path)
     out = tmp_path / "r"
     _main(_cache_args(cache, out, "--max-steps", "1"), capsys, 0)
     good = ckpt.list_checkpoints(out / "checkpoints")
@@ -128,10 +114,10 @@ def test_nan_in_a_cached_sample_stops_naming_the_step_and_keeps_the_last_good_ch
     assert max(r["step"] for r in _rows(out)) == 1
 
 
-def test_skip_nonfinite_skips_up_to_n_steps_then_stops(cache_dir, tmp_path, capsys):
+def test_skip_nonfinite_skips_up_to_n_steps_then_stops(target_cache, tmp_path, capsys):
     """Item 1: --skip-nonfinite N zeroes the bad step's gradient, steps no optimizer, then stops after N."""
-    cache = _cache_copy(cache_dir, tmp_path)
-    _poke(cache, 0, "target_hidden_states", b"\xc0\x7f")  # every step holds sample 0 (batch = all 4)
+    cache = _cache_copy(target_cache, tmp_path)
+    _poke(cache, 0, "target_hidden_states", b"\xc0\x7f")  # every step holds sample 0 (batch = all 6)
     out = tmp_path / "r"
     stdout, err = _main(_cache_args(cache, out, "--max-steps", "5", "--skip-nonfinite", "2"), capsys,
                         train.EXIT_STOPPED)
@@ -403,12 +389,12 @@ def test_leftover_temp_dirs_are_cleaned_by_the_next_save(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated-shard", "bad-index", "oov-id", "bad-shard-id"])
-def test_cache_problems_are_found_before_the_first_step(cache_dir, tmp_path, capsys, damage):
-    cache = _cache_copy(cache_dir, tmp_path)
+def test_cache_problems_are_found_before_the_first_step(target_cache, tmp_path, capsys, damage):
+    cache = _cache_copy(target_cache, tmp_path)
     shard = cache / "shard-00000.bin"
     if damage == "truncated-shard":
         shard.write_bytes(shard.read_bytes()[:-100])
-        needle = "sample 3: target_last_hidden_states ends at byte"
+        needle = "sample 5: target_last_hidden_states ends at byte"
     elif damage == "bad-index":
         idx = bytearray((cache / "samples.idx").read_bytes())
         idx[56 * 2] = 7  # sample 2 says it is sample 7
@@ -456,6 +442,10 @@ def test_corrupt_target_weights_are_one_line_errors(data_file, tmp_path, capsys)
     from d2sd.export import main as export_main
 
     assert export_main([str(tmp_path), str(tmp_path / "o"), "--format", "dflash", "--target", str(bad)]) == 2
+    _one_line_error(capsys.readouterr().err, "cannot read the target weights")
+    from d2sd import eval as ev
+
+    assert ev.main(["--target", str(bad), "--dflash", str(tmp_path), "--vp", str(tmp_path)]) == 2
     _one_line_error(capsys.readouterr().err, "cannot read the target weights")
 
 
