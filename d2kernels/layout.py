@@ -10,7 +10,9 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_block_size, check_int_tensor, check_same_device
+import math
+
+from ._checks import check_block_size, check_int_tensor, check_range, check_same_device
 
 __all__ = [
     "sample_anchors",
@@ -128,10 +130,13 @@ def draft_positions(anchors: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def _check_blocks(input_ids, anchors, keep, prefix_lens=None):
+    """Shapes, dtypes, devices (no sync), then kept anchors in ``[0, S)`` (one host sync; see set_validation)."""
     check_int_tensor("input_ids", input_ids, dim=2)
     check_int_tensor("anchors", anchors, dim=2)
     if keep.dim() != 2 or keep.shape != anchors.shape:
         raise ValueError(f"keep must match anchors {tuple(anchors.shape)}, got {tuple(keep.shape)}")
+    if input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must hold at least one position, got shape {tuple(input_ids.shape)}")
     if anchors.shape[0] != input_ids.shape[0]:
         raise ValueError(
             f"batch mismatch: input_ids has {input_ids.shape[0]} rows, anchors {anchors.shape[0]}"
@@ -145,6 +150,7 @@ def _check_blocks(input_ids, anchors, keep, prefix_lens=None):
             )
         tensors["prefix_lens"] = prefix_lens
     check_same_device(**tensors)
+    check_range("anchors", anchors, 0, input_ids.shape[1], where=keep.bool())
 
 
 def draft_token_ids(
@@ -227,8 +233,15 @@ def decay_weights(
 ) -> torch.Tensor:
     """Per-slot loss weight ``eval * exp(-offset / gamma)`` (no decay when ``gamma`` is None or <= 0).
 
-    Returns float32 of the broadcast shape.
+    ``eval_mask`` bool, ``decay_offsets`` integer ``>= 0`` where supervised (one host sync; see
+    set_validation). Returns float32 of the broadcast shape.
     """
+    if not isinstance(eval_mask, torch.Tensor) or eval_mask.dtype != torch.bool:
+        raise TypeError(f"eval_mask must be a bool tensor, got {getattr(eval_mask, 'dtype', type(eval_mask).__name__)}")
+    check_int_tensor("decay_offsets", decay_offsets)
+    if gamma is not None and (isinstance(gamma, bool) or math.isnan(float(gamma))):
+        raise ValueError(f"gamma must be a number (<= 0: no decay) or None, got {gamma!r}")
+    check_range("decay_offsets", decay_offsets, 0, 2**62, where=eval_mask if eval_mask.shape == decay_offsets.shape else None)
     w = eval_mask.to(torch.float32)
     if gamma is not None and float(gamma) > 0:
         w = w * torch.exp(-decay_offsets.to(torch.float32) / float(gamma))

@@ -150,7 +150,10 @@ class TargetCache(torch.utils.data.Dataset):
         if self._index is None:
             with open(os.path.join(self.path, "samples.idx"), "rb") as f:
                 self._index = f.read()
-        fields = INDEX_RECORD.unpack_from(self._index, i * INDEX_RECORD_SIZE)
+        try:
+            fields = INDEX_RECORD.unpack_from(self._index, i * INDEX_RECORD_SIZE)
+        except struct.error:
+            raise ValueError(f"{self.path}/samples.idx: no record {i} (the index is truncated)") from None
         rec = dict(zip(("sample_id", "shard_id", "seq_len", "input_ids_offset", "attention_mask_offset",
                         "loss_mask_offset", "target_hidden_states_offset", "target_last_hidden_states_offset"),
                        fields))
@@ -190,6 +193,45 @@ class TargetCache(torch.utils.data.Dataset):
 
     def seq_len(self, i: int) -> int:
         return int(self.record(i)["seq_len"])
+
+    def validate(self, vocab_size: int | None = None, max_length: int | None = None, anchor_run: int = 2) -> int:
+        """Check the whole index and every sample's token arrays up front; returns how many samples have
+        ``anchor_run`` consecutive supervised tokens within ``max_length``.
+
+        Raises ValueError naming the sample on a bad index record, an array past its shard's end
+        (a truncated shard) or a token id outside ``[0, vocab_size)``. Reads the index, the token
+        ids and the loss masks, not the hidden states (their bounds come from the file sizes).
+        """
+        from .data import has_anchor_run
+
+        sizes = {k: os.path.getsize(f) for k, f in self._shard_files.items()}
+        LH = len(self.target_layer_ids) * self.hidden_size
+        item = torch.empty((), dtype=self.hidden_dtype).element_size()
+        learnable = 0
+        for i in range(self.num_samples):
+            where = f"{self.path}: sample {i}"
+            rec = self.record(i)
+            S, shard = rec["seq_len"], rec["shard_id"]
+            if shard not in sizes:
+                raise ValueError(f"{where}: index names shard {shard}, the manifest has {len(sizes)} shard(s)")
+            if S < 1:
+                raise ValueError(f"{where}: index gives length {S}")
+            for name, nbytes in (("input_ids", 4 * S), ("attention_mask", S), ("loss_mask", S),
+                                 ("target_hidden_states", item * S * LH),
+                                 ("target_last_hidden_states", item * S * self.hidden_size)):
+                end = rec[f"{name}_offset"] + nbytes
+                if end > sizes[shard]:
+                    raise ValueError(f"{where}: {name} ends at byte {end}, past the end of "
+                                     f"{shard_file_name(shard)} ({sizes[shard]} bytes): truncated shard or bad index")
+            buf = self._shard(shard)
+            ids = self._read(buf, rec["input_ids_offset"], torch.int32, (S,))
+            if vocab_size is not None and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab_size):
+                bad = ids[(ids < 0) | (ids >= vocab_size)]
+                raise ValueError(f"{where}: token id(s) {bad[:4].tolist()} outside the target's vocabulary "
+                                 f"[0, {vocab_size})")
+            mask = self._read(buf, rec["loss_mask_offset"], torch.uint8, (S,))[:max_length]
+            learnable += has_anchor_run(mask, anchor_run)
+        return learnable
 
     def __getitem__(self, i: int) -> dict:
         i = int(i)

@@ -12,6 +12,7 @@ manifest, or whose files do not match it, is corrupt and never loaded.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,10 +29,11 @@ import torch
 from safetensors.torch import save_file
 
 from .models.base import CONFIG_NAME, write_json
-from .models.checkpoint import WEIGHTS_INDEX_NAME, shard_name
+from .models.checkpoint import WEIGHTS_INDEX_NAME, readable_by_all, shard_name
 
 __all__ = [
     "CorruptCheckpoint",
+    "CheckpointWriteError",
     "save_checkpoint",
     "verify_checkpoint",
     "list_checkpoints",
@@ -51,6 +53,14 @@ PREFIX = "step_"
 
 class CorruptCheckpoint(RuntimeError):
     """A checkpoint directory that is incomplete or does not match its manifest."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save that could not finish (disk full, permissions): its temp dir is gone, older checkpoints intact."""
+
+
+# Temp dirs being written by this process (a background save must not be cleaned as a leftover).
+_WRITING: set[str] = set()
 
 
 def step_dir_name(step: int) -> str:
@@ -99,12 +109,46 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    clean_leftovers(root)
+    _WRITING.add(str(tmp))
+    try:
+        _write_tmp(tmp, step, write_drafter, trainer_state)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {final}: no space left on {root} ({e}); the partial save was removed, "
+                "older checkpoints are intact; free space and --resume"
+            ) from None
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(f"cannot write checkpoint {final}: {e}; older checkpoints are intact") from None
+        raise
+    finally:
+        _WRITING.discard(str(tmp))
+    # A checkpoint of the same step (e.g. a corrupt one from a killed run) is moved aside
+    # first so the rename below never lands inside it.
+    stale = None
+    if final.exists():
+        stale = root / f".stale-{final.name}-{os.getpid()}"
+        os.replace(final, stale)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)
+    prune(root, keep_last, newest_good=final)
+    return final
+
+
+def _write_tmp(tmp: Path, step: int, write_drafter: Callable[[Path], Optional[dict[str, str]]],
+               trainer_state: dict) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     known = write_drafter(tmp / DRAFTER_DIR) or {}
     known = {str(Path(DRAFTER_DIR) / k): v for k, v in known.items()}
-    torch.save(trainer_state, tmp / TRAINER_STATE)
+    # Through a Python file: a failed write raises OSError (ENOSPC), not the zip writer's "unexpected pos".
+    with open(tmp / TRAINER_STATE, "wb") as f:
+        torch.save(trainer_state, f)
     files = {}
     for p in _files(tmp):
         rel = str(p.relative_to(tmp))
@@ -117,18 +161,33 @@ def save_checkpoint(
         os.fsync(f.fileno())
     for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
         _fsync_dir(d)
-    # A checkpoint of the same step (e.g. a corrupt one from a killed run) is moved aside
-    # first so the rename below never lands inside it.
-    stale = None
-    if final.exists():
-        stale = root / f".stale-{final.name}-{os.getpid()}"
-        os.replace(final, stale)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    if stale is not None:
-        shutil.rmtree(stale, ignore_errors=True)
-    prune(root, keep_last)
-    return final
+
+
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch's zip writer and safetensors report a failed write as their own error type.
+    text = str(e).lower()
+    return "no space left" in text or "unexpected pos" in text or "file write failed" in text
+
+
+def clean_leftovers(root: Path) -> None:
+    """Remove temp / stale dirs of interrupted saves (a SIGKILL or a full disk mid-save)."""
+    for p in list(Path(root).glob(".tmp-*")) + list(Path(root).glob(".stale-*")):
+        if str(p) not in _WRITING:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def output_path_problem(folder: Path) -> Optional[str]:
+    """Why ``folder`` (existing or to be created) cannot hold output, or None: checked before any work."""
+    for parent in (Path(folder), *Path(folder).parents):
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a directory"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{parent} is not writable"
+            return None
+    return None
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -143,47 +202,76 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(out, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Remove all but the newest ``keep_last`` complete checkpoints; corrupt ones are left for inspection.
+def prune(root: Path, keep_last: int, newest_good: Optional[Path] = None) -> None:
+    """Remove all but the newest ``keep_last`` valid checkpoints; corrupt ones are left for inspection.
 
-    "Complete" is the cheap check (manifest readable, every file present with its size), not the
-    sha256 one: re-hashing every kept checkpoint at every save would cost gigabytes of reads.
+    Only valid checkpoints are counted and removed, so the newest valid one always survives.
+    ``newest_good``: the checkpoint this process has just written (good by construction, the newest).
+    With it, the others are checked the cheap way (manifest well formed, files present with their
+    sizes), not re-hashed: re-reading every kept checkpoint at every save would read gigabytes, and
+    whatever is removed is older than a good one. Without it every checkpoint is fully verified.
     """
     if keep_last <= 0:
         return
-    valid = [p for p in list_checkpoints(root) if _is_valid(p, hashes=False)]
+    cheap = newest_good is not None
+    valid = [p for p in list_checkpoints(root) if _is_valid(p, hashes=not cheap)]
+    if cheap and (not valid or valid[-1] != Path(newest_good)):
+        valid = [p for p in list_checkpoints(root) if _is_valid(p)]  # not the newest after all: be thorough
     for p in valid[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)
-    for p in Path(root).glob(".tmp-*"):
-        # Temp dirs of dead writers (a SIGKILL mid-save) are garbage; ours was renamed already.
-        shutil.rmtree(p, ignore_errors=True)
+    clean_leftovers(root)
 
 
 def verify_checkpoint(path: Path, hashes: bool = True) -> dict:
     """Check the manifest and every file's size and sha256 (``hashes=False``: sizes only).
 
-    Returns the manifest; raises CorruptCheckpoint."""
+    Returns the manifest; raises CorruptCheckpoint.
+
+    Any malformed manifest (not JSON, not an object, missing or mistyped keys, a file outside the
+    checkpoint, a step that disagrees with the dir name) is corrupt, never a KeyError / TypeError.
+    """
     path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise CorruptCheckpoint(f"{path}: no {MANIFEST} (the save did not finish)")
     try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-        int(manifest["step"])
-    except (ValueError, KeyError, TypeError) as e:
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+        files = _check_manifest(manifest, path)
+    except (OSError, ValueError) as e:
         raise CorruptCheckpoint(f"{path}: unreadable {MANIFEST}: {e}") from None
-    if TRAINER_STATE not in files:
-        raise CorruptCheckpoint(f"{path}: manifest lists no {TRAINER_STATE}")
     for rel, meta in files.items():
         p = path / rel
-        if not p.is_file():
-            raise CorruptCheckpoint(f"{path}: missing file {rel}")
-        if p.stat().st_size != meta["size"]:
-            raise CorruptCheckpoint(f"{path}: {rel} has {p.stat().st_size} bytes, manifest says {meta['size']}")
-        if hashes and _sha256(p) != meta["sha256"]:
-            raise CorruptCheckpoint(f"{path}: {rel} does not match its sha256 (corrupt file)")
+        try:
+            if not p.is_file():
+                raise CorruptCheckpoint(f"{path}: missing file {rel}")
+            if p.stat().st_size != meta["size"]:
+                raise CorruptCheckpoint(f"{path}: {rel} has {p.stat().st_size} bytes, manifest says {meta['size']}")
+            if hashes and _sha256(p) != meta["sha256"]:
+                raise CorruptCheckpoint(f"{path}: {rel} does not match its sha256 (corrupt file)")
+        except OSError as e:
+            raise CorruptCheckpoint(f"{path}: cannot read {rel}: {e}") from None
     return manifest
+
+
+def _check_manifest(m: Any, path: Path) -> dict:
+    """The manifest's ``files`` table after checking every key and type; ValueError otherwise."""
+    if not isinstance(m, dict):
+        raise ValueError(f"not a JSON object but {type(m).__name__}")
+    step, files = m.get("step"), m.get("files")
+    if type(step) is not int or step < 0:
+        raise ValueError(f"'step' must be an integer >= 0, got {step!r}")
+    if path.name.startswith(PREFIX) and path.name != step_dir_name(step):
+        raise ValueError(f"'step' {step} does not match the directory name")
+    if not isinstance(files, dict):
+        raise ValueError(f"'files' must be an object, got {type(files).__name__}")
+    if TRAINER_STATE not in files:
+        raise ValueError(f"lists no {TRAINER_STATE}")
+    for rel, meta in files.items():
+        if not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+            raise ValueError(f"file name {rel!r} points outside the checkpoint")
+        if not isinstance(meta, dict) or type(meta.get("size")) is not int or not isinstance(meta.get("sha256"), str):
+            raise ValueError(f"entry of {rel!r} needs an integer 'size' and a string 'sha256', got {meta!r}")
+    return files
 
 
 def _is_valid(path: Path, hashes: bool = True) -> bool:
@@ -220,17 +308,23 @@ def resolve_resume(target: Path, log: Callable[[str], None] = print) -> Path:
             verify_checkpoint(p)
         except CorruptCheckpoint as e:
             refused.append(str(e))
-            log(f"[d2sd] refusing corrupt checkpoint: {e}; it is kept on disk, trying an older one")
+            log(f"refusing corrupt checkpoint: {e}; it is kept on disk, trying an older one")
             continue
         if refused:
-            log(f"[d2sd] resuming from the older valid checkpoint {p}")
+            log(f"resuming from the older valid checkpoint {p}")
         return p
-    raise CorruptCheckpoint("--resume: every checkpoint is corrupt:\n  " + "\n  ".join(refused))
+    raise CorruptCheckpoint(f"--resume: every checkpoint is corrupt in {root} ({len(refused)} refused, reasons above)")
 
 
 def load_trainer_state(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Trainer state of a verified checkpoint (call ``verify_checkpoint`` first)."""
-    return torch.load(Path(path) / TRAINER_STATE, map_location=map_location, weights_only=True)
+    """Trainer state of a verified checkpoint (call ``verify_checkpoint`` first); CorruptCheckpoint if unreadable."""
+    try:
+        state = torch.load(Path(path) / TRAINER_STATE, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        raise CorruptCheckpoint(f"{path}: cannot read {TRAINER_STATE}: {e}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CorruptCheckpoint(f"{path}: {TRAINER_STATE} is not a d2sd trainer state")
+    return state
 
 
 def capture_rng_state(anchor_generator: Optional[torch.Generator] = None) -> dict:
@@ -413,6 +507,7 @@ class AsyncCheckpointer:
                 files = [shard_name(1, 2), shard_name(2, 2)]
                 meta = {"format": "pt", "d2sd_format": "deepspec"}
                 save_file(trainable, str(d / files[0]), metadata=meta)
+                readable_by_all(d / files[0])
                 known = {}
                 frozen_name = files[1]
                 if reuse_frozen:
@@ -423,6 +518,7 @@ class AsyncCheckpointer:
                     known[files[1]] = self._frozen_shard.sha256
                 else:
                     save_file({k: host_sd[k] for k in frozen_keys}, str(d / files[1]), metadata=meta)
+                    readable_by_all(d / files[1])
                 weight_map = {k: files[0] for k in trainable} | {k: files[1] for k in frozen_keys}
                 write_json({"metadata": {"format": "pt"}, "weight_map": weight_map}, str(d / WEIGHTS_INDEX_NAME))
                 return known

@@ -183,6 +183,11 @@ class TrainConfig:
     micro_batch_size: int = field(default=1, metadata={"help": "sequences per forward pass per rank"})
     max_length: int = field(default=4096, metadata={"help": "truncate tokenized sequences to this many tokens"})
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this (<= 0: off)"})
+    skip_nonfinite: int = field(
+        default=0,
+        metadata={"help": "skip up to N steps whose loss or gradient is NaN/inf (no optimizer step), then stop "
+                          "(0: stop at the first)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of data order, anchors, prefixes and init"})
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps (<= 0: only at the end)"})
     keep_last: int = field(default=2, metadata={"help": "keep the newest K checkpoints"})

@@ -121,18 +121,20 @@ def _assistant_char_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int
     return full, spans
 
 
-def _tokenize(record: dict, tokenizer, max_length: int | None) -> tuple[dict, bool]:
+def _tokenize(record: dict, tokenizer, max_length: int | None) -> tuple[dict, bool, bool]:
+    """``(sample, truncated, supervised before the cut)``."""
     messages = _messages(record)
     text, spans = _assistant_char_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     # a token is supervised when its first character lies in an assistant span
     mask = [int(any(s <= a < e for s, e in spans) and b > a) for a, b in enc["offset_mapping"]]
+    had_assistant = any(mask)
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, mask = ids[:max_length], mask[:max_length]
     sample = {"input_ids": torch.tensor(ids, dtype=torch.long), "loss_mask": torch.tensor(mask, dtype=torch.long)}
-    return sample, truncated
+    return sample, truncated, had_assistant
 
 
 def tokenize_chat(record: dict, tokenizer, max_length: int | None = None) -> dict:
@@ -149,15 +151,17 @@ def load_chat_jsonl(path, tokenizer, max_length: int | None = None) -> tuple[lis
 
     Blank lines are ignored. Malformed JSON or a record without a messages list raises
     ValueError naming ``path:line``. Records with no supervised (assistant) token left are
-    skipped; sequences over ``max_length`` are truncated. ``stats``: ``records``, ``samples``,
-    ``skipped_no_assistant``, ``truncated``, ``tokens``, ``supervised_tokens``.
+    skipped (``skipped_no_assistant``, or ``skipped_past_max_length`` when the cut removed them);
+    sequences over ``max_length`` are truncated. ``stats``: ``records``, ``samples``,
+    ``skipped_no_assistant``, ``skipped_past_max_length``, ``truncated``, ``tokens``, ``supervised_tokens``.
     """
     path = os.fspath(path)
     samples = []
-    stats = {"records": 0, "samples": 0, "skipped_no_assistant": 0, "truncated": 0, "tokens": 0,
-             "supervised_tokens": 0}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    stats = {"records": 0, "samples": 0, "skipped_no_assistant": 0, "skipped_past_max_length": 0, "truncated": 0,
+             "tokens": 0, "supervised_tokens": 0}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = decode_line(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -166,11 +170,11 @@ def load_chat_jsonl(path, tokenizer, max_length: int | None = None) -> tuple[lis
                 raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
             stats["records"] += 1
             try:
-                sample, truncated = _tokenize(record, tokenizer, max_length)
+                sample, truncated, had_assistant = _tokenize(record, tokenizer, max_length)
             except ValueError as e:
                 raise ValueError(f"{path}:{lineno}: {e}") from None
             if int(sample["loss_mask"].sum()) == 0:
-                stats["skipped_no_assistant"] += 1
+                stats["skipped_past_max_length" if had_assistant else "skipped_no_assistant"] += 1
                 continue
             stats["truncated"] += int(truncated)
             stats["samples"] += 1
@@ -178,6 +182,26 @@ def load_chat_jsonl(path, tokenizer, max_length: int | None = None) -> tuple[lis
             stats["supervised_tokens"] += int(sample["loss_mask"].sum())
             samples.append(sample)
     return samples, stats
+
+
+def decode_line(raw: bytes, path, lineno: int) -> str:
+    """One line of a text file as str; ValueError naming ``path:line`` when it is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def has_anchor_run(loss_mask: torch.Tensor, run: int) -> bool:
+    """True when ``run`` consecutive tokens are supervised: an anchor with something after it to learn."""
+    lm = torch.as_tensor(loss_mask).bool()
+    n = lm.numel() - run + 1
+    if n < 1:
+        return False
+    ok = lm[:n].clone()
+    for i in range(1, run):
+        ok &= lm[i:i + n]
+    return bool(ok.any())
 
 
 def write_chat_jsonl(path, records: Sequence[dict]) -> None:

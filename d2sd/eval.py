@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -136,9 +137,17 @@ def encode_prompt(tokenizer, item: Any) -> list[int]:
 
 def load_prompt_file(path: str) -> list[Any]:
     """Records of a prompts JSONL file; malformed lines raise ``UsageError`` naming file and line."""
+    from .data import decode_line
+
+    if not Path(path).is_file():
+        raise UsageError(f"--data {path}: not a file (pass a prompts JSONL file)")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = decode_line(raw, path, n)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
             if not line.strip():
                 continue
             try:
@@ -430,6 +439,15 @@ def evaluate(
     return report
 
 
+def check_output_path(path: Path, what: str) -> None:
+    """Refuse, before any work, an output path that is a directory or lies under a file / read-only dir."""
+    from .checkpoint import output_path_problem
+
+    problem = "is a directory, expected a file path" if path.is_dir() else output_path_problem(path.parent)
+    if problem:
+        raise UsageError(f"{what} {path}: {problem}")
+
+
 def _eos_ids(target, tokenizer) -> list[int]:
     ids = set()
     for src in (getattr(target, "generation_config", None), getattr(target, "config", None), tokenizer):
@@ -443,6 +461,12 @@ def _eos_ids(target, tokenizer) -> list[int]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_output_path(Path(args.report), "--report")
+        if args.plot:
+            check_output_path(Path(args.plot), "--plot")
+        for path in args.data or []:
+            if not Path(path).is_file():
+                raise UsageError(f"--data {path}: not a file (pass a prompts JSONL file)")
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
@@ -498,8 +522,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         log(f"D2SD / DFlash acceptance length: {report['d2sd_over_dflash']:.3f}x (K={args.k})")
     log(f"lossless (every method == plain greedy, token for token): {report['lossless']}")
     out = Path(args.report)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, out)
+    except OSError as e:
+        print(f"python -m d2sd.eval: error: cannot write --report {out}: {e}", file=sys.stderr, flush=True)
+        return 2
     log(f"report: {out}")
     plot = _plot(report, Path(args.plot) if args.plot else out.with_suffix(".png"))
     log(f"plot:   {plot}" if plot else "plot:   not drawn (matplotlib is not installed: pip install matplotlib)")

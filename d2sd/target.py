@@ -34,19 +34,31 @@ def _check_model_dir(path) -> str:
     return path
 
 
+def load_causal_lm(path, dtype="auto"):
+    """``AutoModelForCausalLM.from_pretrained``; a damaged or truncated weight file is a ValueError naming it."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    path = _check_model_dir(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (SafetensorError, OSError, RuntimeError, EOFError) as e:
+        raise ValueError(f"cannot read the target weights in {path!r} (damaged or truncated file?): {e}") from None
+
+
 def load_target(path, device="cpu", dtype: torch.dtype | None = None):
     """Load an HF causal LM + its tokenizer: frozen, eval mode, on ``device``.
 
     ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere. Returns ``(model, tokenizer)``.
     Raises FileNotFoundError / ValueError with the path when it is not an HF model directory.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = _check_model_dir(path)
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = load_causal_lm(path, dtype)
     model.to(device).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:

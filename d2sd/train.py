@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -64,6 +65,15 @@ NOT_REPLAYED = {"resume"}
 
 class UsageError(Exception):
     """Bad input found before training starts: printed without a traceback, nothing is lost."""
+
+
+class NonFinite(RuntimeError):
+    """A NaN / inf loss, gradient or weight: training stops before it reaches a checkpoint."""
+
+
+# Exit status of a run stopped by a fault found while training (non-finite values, a failed save);
+# 2 is bad input found before the first step.
+EXIT_STOPPED = 3
 
 
 def log(msg: str) -> None:
@@ -182,6 +192,8 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
             raise UsageError("bare --resume needs --out DIR (or pass the run dir: --resume DIR)")
         resume_from = ckpt.resolve_resume(Path(where), log=log)
         state = ckpt.load_trainer_state(resume_from)
+        if not isinstance(state.get("run_opts"), dict):
+            raise ckpt.CorruptCheckpoint(f"{resume_from}: its trainer state holds no run options")
         opts = {**state["run_opts"], **{k: v for k, v in given.items() if k not in NOT_REPLAYED}}
         if "out" not in given:
             opts["out"] = str(resume_from.parent.parent)
@@ -202,6 +214,9 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
     _check_train_config(train)
     out = Path(opts["out"]) if "out" in opts else Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     opts.setdefault("out", str(out))
+    _check_run_options(opts, train, drafter_args, out)
+    if state is not None:
+        _check_resume_changes(state, opts, train, drafter_args, drafter_names)
     if resume_from is None and ckpt.list_checkpoints(out / "checkpoints"):
         raise UsageError(f"{out} already holds checkpoints: continue it with --resume {out}, or pick another --out")
     return Run(
@@ -214,17 +229,96 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
 
 def _check_train_config(t: TrainConfig) -> None:
     problems = []
-    for name in ("max_steps", "global_batch_size", "micro_batch_size", "max_length", "log_every"):
+    for name in ("max_steps", "global_batch_size", "micro_batch_size", "max_length", "log_every", "max_new_tokens"):
         if getattr(t, name) < 1:
             problems.append(f"{name} must be >= 1, got {getattr(t, name)}")
+    if t.skip_nonfinite < 0:
+        problems.append(f"skip_nonfinite must be >= 0, got {t.skip_nonfinite}")
     if not 0 <= t.warmup_ratio < 1:
         problems.append(f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.schedule not in ("cosine", "linear", "constant"):
         problems.append(f"schedule must be cosine, linear or constant, got {t.schedule!r}")
-    if not t.lr > 0:
-        problems.append(f"lr must be > 0, got {t.lr}")
+    # AdamW's step is about lr per weight: above 1 it only diverges (and inf / nan never train).
+    if not 0 < t.lr <= 1:
+        problems.append(f"lr must be in (0, 1], got {t.lr}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        problems.append(f"min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if not (0 <= t.weight_decay and math.isfinite(t.weight_decay)):
+        problems.append(f"weight_decay must be a finite number >= 0, got {t.weight_decay}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(t, name) < 1:
+            problems.append(f"{name} must be in [0, 1), got {getattr(t, name)}")
+    if not (0 < t.adam_eps and math.isfinite(t.adam_eps)):
+        problems.append(f"adam_eps must be a finite number > 0, got {t.adam_eps}")
+    if math.isnan(t.grad_clip):
+        problems.append("grad_clip must be a number (<= 0: no clipping), got nan")
     if problems:
         raise UsageError("bad training config: " + "; ".join(problems))
+
+
+def _check_run_options(opts: dict, t: TrainConfig, drafter_args: dict, out: Path) -> None:
+    """Options that would fail late (device, backend, block, anchors, --out) are refused before any work."""
+    B = drafter_args.get("block_size")
+    if B is not None and B < 2:
+        raise UsageError(f"--block-size must be >= 2 (a block of {B} holds only the anchor: nothing to draft), got {B}")
+    N = drafter_args.get("num_anchors")
+    if N is not None and not 1 <= N < t.max_length:
+        raise UsageError(f"--num-anchors must be in [1, --max-length {t.max_length}) (a sequence of L tokens has at "
+                         f"most L-1 anchor positions), got {N}")
+    name = opts.get("device")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name is not None:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UsageError(f"--device {name}: not a device name (use cpu, cuda or cuda:N)") from None
+        if device.type not in ("cpu", "cuda"):
+            raise UsageError(f"--device {name}: only cpu and cuda devices are supported")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False)")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    backend = drafter_args.get("backend", "auto")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and (backend == "cuda" or (backend == "triton" and not interpreted)):
+        raise UsageError(f"--backend {backend} needs a CUDA device, the run is on {device} "
+                         f"(use --backend auto or torch{'' if backend == 'cuda' else ', or TRITON_INTERPRET=1'})")
+    problem = ckpt.output_path_problem(out)
+    if problem:
+        raise UsageError(f"--out {out}: {problem}")
+
+
+# Options a resumed run cannot change: they define the model, the data or the data order.
+FIXED_ON_RESUME = ("preset", "data", "cache", "seed", "global_batch_size", "max_length", "max_new_tokens")
+
+
+def _check_resume_changes(state: dict, opts: dict, t: TrainConfig, drafter_args: dict, drafter_names) -> None:
+    """Refuse changes a checkpoint cannot follow; report the ones applied (lr, schedule, steps, ...)."""
+    saved_opts, saved_train = state["run_opts"], state.get("train_config") or {}
+    saved_drafter = state.get("drafter_config") or {}
+    now_train = dataclasses.asdict(t)
+    refused = []
+    for k in FIXED_ON_RESUME:
+        old = saved_train[k] if k in saved_train else saved_opts.get(k, "tiny" if k == "preset" else None)
+        new = now_train[k] if k in now_train else opts.get(k, "tiny" if k == "preset" else None)
+        if old != new:
+            refused.append((k, old, new))
+    for k in sorted(drafter_names - {"backend"}):
+        if k in saved_drafter and k not in drafter_args:
+            drafter_args[k] = saved_drafter[k]  # the checkpoint's drafter, knob for knob
+        elif k in saved_drafter and drafter_args[k] != saved_drafter[k]:
+            refused.append((k, saved_drafter[k], drafter_args[k]))
+    if refused:
+        raise UsageError("--resume cannot change " + "; ".join(
+            f"--{k.replace('_', '-')} (the checkpoint has {old}, now {new})" for k, old, new in refused
+        ) + ": start a new run (another --out) for that")
+    step = int(state["step"])
+    if t.max_steps <= step:
+        raise UsageError(f"--max-steps {t.max_steps} is not above the checkpoint's step {step}: nothing to train "
+                         f"(pass a larger --max-steps to continue)")
+    changed = [f"{k} {saved_train[k]} -> {v}" for k, v in now_train.items() if k in saved_train and saved_train[k] != v]
+    if changed:
+        log("resume applies the changed options: " + ", ".join(changed))
 
 
 # ============================================================================ target + data
@@ -315,11 +409,31 @@ def load_examples(run: Run, target, tokenizer):
     log("data: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in stats.items()))
     if stats.get("skipped_no_assistant"):
         log(f"skipped {stats['skipped_no_assistant']} record(s) with no assistant tokens")
+    if stats.get("skipped_past_max_length"):
+        log(f"skipped {stats['skipped_past_max_length']} record(s) whose assistant tokens all lie past "
+            f"--max-length {t.max_length}")
     if stats.get("truncated"):
         log(f"truncated {stats['truncated']} record(s) to --max-length {t.max_length}")
     if not samples:
         raise UsageError("no training record has an assistant token to learn from")
+    _check_learnable(run, [s["loss_mask"] for s in samples])
     return samples
+
+
+def _anchor_run(run: Run) -> int:
+    """Consecutive supervised tokens one block needs for a non-zero loss: the anchor + the first label
+    (D2: + the visible prefix slot, p >= 2)."""
+    B = int(run.drafter_args.get("block_size") or 2)
+    return 3 if run.drafter_args.get("enable_d2_feature", True) and B >= 3 else 2
+
+
+def _check_learnable(run: Run, loss_masks) -> None:
+    from .data import has_anchor_run
+
+    need = _anchor_run(run)
+    if not any(has_anchor_run(m, need) for m in loss_masks):
+        raise UsageError(f"no training record has {need} consecutive assistant tokens (an anchor and a token to "
+                         "predict): every loss would be 0, nothing to learn (are the assistant turns empty?)")
 
 
 EMBEDDED_PROMPTS = 256
@@ -329,14 +443,16 @@ def _tokenize_records(records, tokenizer, max_length: int) -> tuple[list[dict], 
     """In-memory chat records -> samples, with the same stats as ``data.load_chat_jsonl``."""
     from .data import tokenize_chat
 
-    samples, stats = [], {"records": len(records), "samples": 0, "skipped_no_assistant": 0, "truncated": 0}
+    samples, stats = [], {"records": len(records), "samples": 0, "skipped_no_assistant": 0,
+                          "skipped_past_max_length": 0, "truncated": 0}
     for r in records:
         s = tokenize_chat(r, tokenizer, None)
+        had_assistant = bool(s["loss_mask"].any())
         if len(s["input_ids"]) > max_length:
             stats["truncated"] += 1
             s = {k: v[:max_length] for k, v in s.items()}
         if int(s["loss_mask"].sum()) == 0:
-            stats["skipped_no_assistant"] += 1
+            stats["skipped_past_max_length" if had_assistant else "skipped_no_assistant"] += 1
             continue
         samples.append(s)
     stats["samples"] = len(samples)
@@ -378,6 +494,12 @@ def _cache_samples(run: Run, target) -> _CacheSamples:
     if cache.hidden_size != H:
         raise UsageError(f"--cache {run.cache} was made by a target with hidden size {cache.hidden_size}; "
                          f"this target has {H}")
+    # Shards, index and token ids are checked now, not when a bad sample is drawn hours in.
+    vocab = target.get_input_embeddings().weight.shape[0]
+    need = _anchor_run(run)
+    if not cache.validate(vocab, run.train.max_length, need):
+        raise UsageError(f"--cache {run.cache}: no sample has {need} consecutive supervised tokens within "
+                         f"--max-length {run.train.max_length}: nothing to learn")
     log(f"cache {run.cache}: {len(cache)} samples, layers {cache.target_layer_ids}, hidden {cache.hidden_size}")
     return _CacheSamples(cache, run.train.max_length)
 
@@ -694,9 +816,27 @@ def dist_enabled() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def check_weights_finite(model, info: ddist.DistInfo, step: int) -> None:
+    """Raise NonFinite when a trainable weight holds NaN / inf (one host sync; run before each save)."""
+    flags = [torch.isfinite(getattr(p, "_local_tensor", p)).all() for p in model.parameters() if p.requires_grad]
+    bad = bool(flags) and not bool(torch.stack(flags).all())
+    if ddist.any_rank(bad, info):
+        raise NonFinite(f"non-finite weights after step {step} (NaN/inf, e.g. from a too-high --lr): "
+                        "no checkpoint written, the earlier ones are kept")
+
+
+def check_finite(loss: float, grad_norm: Optional[float]) -> Optional[str]:
+    """None for a finite step, else what is not finite (both values came back in the step's one transfer;
+    they are global, so every rank decides alike)."""
+    vals = (("loss", loss), ("gradient norm", grad_norm if grad_norm is not None else 0.0))
+    bad = [f"{name} {v}" for name, v in vals if not math.isfinite(v)]
+    return "non-finite " + " and ".join(bad) if bad else None
+
+
 def save(run: Run, step: int, model, optimizer, scheduler, data_state: dict, gen, info, drafter,
          saver: Optional[ckpt.AsyncCheckpointer]) -> Optional[Path]:
     """Queue checkpoint ``step`` (rank 0 writes it in the background); returns its final path."""
+    check_weights_finite(model, info, step)
     model_sd, optim_sd = _full_state(model, optimizer, run)
     path = None
     if info.is_main:
@@ -728,9 +868,25 @@ def restore(run: Run, model, optimizer, scheduler, batcher: Batcher, gen) -> int
     else:
         optimizer.load_state_dict(s["optimizer"])
     scheduler.load_state_dict(s["scheduler"])
+    apply_train_config(optimizer, scheduler, run.train)
     batcher.load_state_dict(s["data"])
     ckpt.restore_rng_state(s["rng"], gen)
     return int(s["step"])
+
+
+def apply_train_config(optimizer: torch.optim.Optimizer, scheduler, t: TrainConfig) -> None:
+    """Put ``t``'s optimizer knobs into restored param groups and scheduler (their state_dicts carry the old ones).
+
+    The lr schedule itself (warmup, shape, max_steps) is the new ``make_scheduler`` closure already; only
+    the peak lr lives in the scheduler's ``base_lrs``, and the current lr is recomputed from the step.
+    """
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for i, g in enumerate(optimizer.param_groups):
+        g.update(initial_lr=t.lr, lr=t.lr * factor, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+        if i == 0:  # make_optimizer's first group holds the matrices, the only ones decayed
+            g["weight_decay"] = t.weight_decay
+    scheduler.base_lrs = [t.lr] * len(optimizer.param_groups)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 # ============================================================================ metrics
@@ -749,11 +905,9 @@ class Metrics:
         out.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             # Rows past the checkpoint came from the interrupted run; they are redone now.
-            self.rows = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
-        elif self.path.exists():
-            self.path.unlink()
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+            self.rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        # Replaced, never rewritten in place: a kill mid-write leaves the old history whole.
+        _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -786,12 +940,12 @@ class Metrics:
             return None
         steps = [r["step"] for r in self.rows]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        a1.plot(steps, [r["loss"] for r in self.rows])
+        a1.plot(steps, [r.get("loss", float("nan")) for r in self.rows])
         a1.set(xlabel="step", ylabel="loss", title="decayed CE loss")
-        a2.plot(steps, [r["acc"] for r in self.rows], label="all slots")
-        B = len(self.rows[-1]["acc_per_slot"])
-        for k in range(B):
-            ys = [r["acc_per_slot"][k] for r in self.rows]
+        a2.plot(steps, [r.get("acc", float("nan")) for r in self.rows], label="all slots")
+        per_slot = [r.get("acc_per_slot") or [] for r in self.rows]
+        for k in range(max(map(len, per_slot))):
+            ys = [a[k] if k < len(a) else None for a in per_slot]
             if any(y is not None for y in ys):
                 ys = [float("nan") if y is None else y for y in ys]
                 a2.plot(steps, ys, lw=0.8, alpha=0.6, label=f"slot {k}")
@@ -806,6 +960,34 @@ class Metrics:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a torn last line (a kill mid-append) or a damaged line is dropped with a warning."""
+    raw = path.read_bytes().split(b"\n")
+    rows = []
+    for n, line in enumerate(raw, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+            if not isinstance(row, dict) or type(row.get("step")) is not int:
+                raise ValueError("not a metrics row")
+        except ValueError as e:
+            torn = n == len(raw)  # no newline after it: the write was cut
+            log(f"warning: {path}:{n}: {'torn last line' if torn else 'unreadable line'} dropped ({e})")
+            continue
+        rows.append(row)
+    return rows
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # ============================================================================ loop
@@ -886,6 +1068,7 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
     t0 = time.time()
     window = new_window()  # since the last metrics row
     first = True
+    failure, skipped = None, 0
     profiler = StepProfiler(run.out / "profile.txt", start=start_step + 3, steps=int(run.opts.get("profile_steps") or 0))
     try:
         with StopFlag() as stop:
@@ -897,9 +1080,24 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
                 window["data_wait"] += ts - tw
                 s = forward_backward(model, micros, features, info, seed=t.seed, step=step, generator=gen, amp=amp,
                                      grad_clip=t.grad_clip)
+                bad = check_finite(s.loss, s.grad_norm)
                 lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
+                if bad is not None:
+                    skipped += 1
+                    if skipped > t.skip_nonfinite:
+                        kept = last or run.resume_from
+                        failure = (f"{bad} at step {step + 1}: stopped before its optimizer step, no checkpoint "
+                                   f"written{f'; the last good checkpoint is {kept}' if kept else ''} (a NaN/inf in "
+                                   "the data, e.g. a cached sample, or a too-high --lr; --skip-nonfinite N skips up "
+                                   "to N such steps)")
+                        break
+                    log(f"{bad} at step {step + 1}: step skipped, no optimizer step "
+                        f"({skipped} of --skip-nonfinite {t.skip_nonfinite})")
+                else:
+                    optimizer.step()
+                with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns about
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 dt = time.time() - ts
@@ -920,7 +1118,11 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
                 stopping = ddist.any_rank(stop.hit, info)
                 if stopping or step == t.max_steps or (t.save_every > 0 and step % t.save_every == 0):
                     tsave = time.time()
-                    last = save(run, step, model, optimizer, scheduler, data_state, gen, info, drafter, saver)
+                    try:
+                        last = save(run, step, model, optimizer, scheduler, data_state, gen, info, drafter, saver)
+                    except (NonFinite, ckpt.CheckpointWriteError) as e:
+                        failure = str(e)
+                        break
                     window["save_stall"] += time.time() - tsave
                     window["save_wait"] += saver.wait_seconds if saver is not None else 0.0
                 if step % t.log_every == 0 or step == t.max_steps:
@@ -941,20 +1143,21 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
                     metrics.log(row)
                     window = new_window()
                 if stopping:
-                    if saver is not None:
-                        saver.wait()
-                    bar.close()
-                    log(f"stop signal: checkpoint saved at step {step}; resume with --resume {run.out}")
                     break
-            if saver is not None:
-                saver.wait()  # the last checkpoint is on disk before the run reports it
+            if saver is not None and failure is None:
+                try:
+                    saver.wait()  # the last checkpoint is on disk before the run reports it
+                except ckpt.CheckpointWriteError as e:
+                    failure = str(e)
+            if stop.hit and failure is None:
+                log(f"stop signal: checkpoint saved at step {step}; resume with --resume {run.out}")
     finally:
         prefetch.close()
     bar.close()
     plot = metrics.plot(run.out)
     metrics.close()
     return {"step": step, "checkpoint": last, "plot": plot, "metrics": metrics, "seconds": time.time() - t0,
-            "stopped": stop.hit}
+            "stopped": stop.hit, "failure": failure}
 
 
 def report(run: Run, result: dict) -> None:
@@ -996,19 +1199,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         lengths = examples.lengths() if isinstance(examples, _CacheSamples) else [len(e["input_ids"]) for e in examples]
         batcher = Batcher(len(examples), run.train.global_batch_size, run.train.micro_batch_size,
                           info.world_size, info.rank, run.train.seed, lengths=lengths)
+        start = 0
+        gen = torch.Generator()  # anchor / prefix draws; reseeded per micro-batch by anchor_seed
+        if run.resume_state is not None:
+            start = restore(run, model, optimizer, scheduler, batcher, gen)
+            log(f"resumed from {run.resume_from} at step {start}")
     except (UsageError, ckpt.CorruptCheckpoint, FileNotFoundError) as e:
         print(f"python -m d2sd.train: error: {e}", file=sys.stderr, flush=True)
         return 2
-    start = 0
-    gen = torch.Generator()  # anchor / prefix draws; reseeded per micro-batch by anchor_seed
-    if run.resume_state is not None:
-        start = restore(run, model, optimizer, scheduler, batcher, gen)
-        log(f"resumed from {run.resume_from} at step {start}")
     if info.is_main:
         log(f"run dir {run.out}: {len(examples)} records, preset {run.preset}, "
             f"{sum(p.numel() for p in drafter.parameters() if p.requires_grad):,} trainable parameters, "
             f"{batcher.accum_steps} micro-batches/step/rank, device {info.device}, world {info.world_size}")
     result = train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, features, info, start, gen, pad_id)
+    if result["failure"] is not None:
+        if info.is_main:
+            print(f"python -m d2sd.train: error: {result['failure']}", file=sys.stderr, flush=True)
+        ddist.teardown()
+        return EXIT_STOPPED
     if info.is_main:
         report(run, result)
     ddist.teardown()

@@ -24,6 +24,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def target_cache(tmp_path_factory):
+    """A 6-sample target cache of the tiny target (layers 0 and 2); copy it before damaging it."""
+    from d2sd.assets import tiny_target_path
+    from d2sd.cache import write_cache
+    from d2sd.data import builtin_records, tokenize_chat
+    from d2sd.target import load_target
+
+    model, tok = load_target(tiny_target_path())
+    samples = [tokenize_chat(r, tok, 96) for r in builtin_records(6, seed=4)]
+    out = tmp_path_factory.mktemp("cache") / "c"
+    write_cache(out, model, tok, samples, layer_ids=[0, 2], progress=False)
+    return out
+
+
 @pytest.fixture
 def device():
     return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -95,10 +95,10 @@ def test_load_counts_skipped_and_truncated(tok, tmp_path):
     lens = [len(tokenize_chat(r, tok)["input_ids"]) for r in records]
     max_length = max(lens) - 1  # the longest real record(s) lose their last token
     samples, stats = load_chat_jsonl(path, tok, max_length=max_length)
-    # long_prompt: its answer lies past max_length -> no supervised token -> skipped, not "truncated";
+    # long_prompt: its answer lies past max_length -> skipped as such, not as "no assistant";
     # empty_answer keeps one supervised token, the end-of-turn token
     assert stats["records"] == 6
-    assert stats["skipped_no_assistant"] == 2
+    assert stats["skipped_no_assistant"] == 1 and stats["skipped_past_max_length"] == 1
     assert stats["truncated"] == sum(n > max_length for n in lens) >= 1
     assert stats["samples"] == len(samples) == 4
     assert int(samples[3]["loss_mask"].sum()) == 1

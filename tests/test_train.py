@@ -299,20 +299,6 @@ def test_batcher_is_a_resumable_rank_split_of_one_order(n, gbs, mbs, world):
     assert sorted(flat[:n]) == list(range(n))
 
 
-@pytest.fixture(scope="module")
-def target_cache(tmp_path_factory):
-    from d2sd.assets import tiny_target_path
-    from d2sd.cache import write_cache
-    from d2sd.data import builtin_records, tokenize_chat
-    from d2sd.target import load_target
-
-    model, tok = load_target(tiny_target_path())
-    samples = [tokenize_chat(r, tok, 96) for r in builtin_records(6, seed=4)]
-    out = tmp_path_factory.mktemp("cache") / "c"
-    write_cache(out, model, tok, samples, layer_ids=[0, 2], progress=False)
-    return out
-
-
 def test_trains_from_an_offline_cache(target_cache, tmp_path):
     out = tmp_path / "run"
     args = ["--cache", str(target_cache), "--out", str(out), "--max-steps", "3", "--global-batch-size", "2",
@@ -339,7 +325,8 @@ def test_resume_with_a_different_target_is_refused(reference_run, tmp_path, caps
     other = tmp_path / "other-target"
     AutoModelForCausalLM.from_config(cfg).save_pretrained(other)
     AutoTokenizer.from_pretrained(tiny_target_path()).save_pretrained(other)
-    err = _main_error(["--resume", str(reference_run[0]), "--target", str(other)], capsys)
+    err = _main_error(["--resume", str(reference_run[0]), "--target", str(other), "--max-steps", str(STEPS + 1)],
+                      capsys)
     assert "trained on a target with hidden 128" in err and "has hidden 64" in err
 
 

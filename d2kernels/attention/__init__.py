@@ -118,6 +118,8 @@ def _validate(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, block_size):
         )
     if k_ctx.shape[0] != Bt or k_ctx.shape[3] != D:
         raise ValueError(f"k_ctx must be [Bt={Bt}, S, Hkv, D={D}], got {tuple(k_ctx.shape)}")
+    if D < 1 or NB < 1:
+        raise ValueError(f"q must have a head dim D >= 1 and N*B >= 1 draft slots, got shape {tuple(q.shape)}")
     if Hkv < 1 or Hq % Hkv != 0:
         raise ValueError(f"Hq={Hq} must be a multiple of Hkv={Hkv} (GQA)")
     if anchors.shape[0] != Bt or anchors.shape[1] * B != NB:

@@ -115,6 +115,8 @@ def noise_embedding(
         raise ValueError("keep (bool) and prefix_lens must be shaped like anchors [Bt, N]")
     if anchors.shape[0] != input_ids.shape[0]:
         raise ValueError(f"batch mismatch: input_ids {tuple(input_ids.shape)}, anchors {tuple(anchors.shape)}")
+    if input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must hold at least one position, got shape {tuple(input_ids.shape)}")
     if not 0 <= int(mask_token_id) < V:
         raise ValueError(f"mask_token_id={mask_token_id} out of range [0, {V})")
     check_range("input_ids", input_ids, 0, V)

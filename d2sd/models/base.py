@@ -246,13 +246,13 @@ class Drafter(nn.Module):
         )  # [Bt, N*B, H]
         x = self._scale_embeddings(x)
         ctx = self._context(target_hidden)  # [Bt, S, H]
-        labels, eval_mask, offsets = layout.draft_targets(
-            input_ids, loss_mask, anchors, keep, prefix_lens, B, same_position=cfg.same_position_labels
-        )  # each [Bt, N, B]
         Bt, N = anchors.shape
         # noise_embedding above checked input_ids (the supervised labels are among them) and the
-        # anchors once: the layers and the loss skip their own checks and the host syncs they cost.
+        # anchors once: the targets, layers and loss skip their own checks and the host syncs they cost.
         with d2kernels.validation("off"):
+            labels, eval_mask, offsets = layout.draft_targets(
+                input_ids, loss_mask, anchors, keep, prefix_lens, B, same_position=cfg.same_position_labels
+            )  # each [Bt, N, B]
             h = self._run_layers(x, ctx, anchors, keep, B)  # [Bt, N*B, H]
             # Under autocast the final norm returns fp32: meet the lm_head in its own dtype (bf16 on GPU).
             h = h.to(self.lm_head.weight.dtype)

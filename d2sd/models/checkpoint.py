@@ -25,7 +25,7 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 __all__ = [
     "save_drafter", "load_drafter", "detect_format", "FORMATS", "check_dflash_exportable", "drafter_json",
-    "read_weights", "weight_files", "shard_name",
+    "read_weights", "weight_files", "shard_name", "vp_untrained_slots", "readable_by_all",
 ]
 
 FORMATS = ("deepspec", "dflash")
@@ -54,6 +54,13 @@ def check_dflash_exportable(cfg: DrafterConfig) -> None:
         )
 
 
+def vp_untrained_slots(cfg: DrafterConfig) -> list[int]:
+    """Draft slots a D2 (VP) drafter never learned to fill: 1 .. p_min-1, always visible in training."""
+    if not cfg.enable_d2_feature:
+        return []
+    return list(range(1, min(2, cfg.block_size - 1)))
+
+
 def _state_dict_cpu(drafter: Drafter) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in drafter.state_dict().items()}
 
@@ -76,6 +83,10 @@ def drafter_json(cfg: DrafterConfig, dtype: torch.dtype, format: str = "deepspec
         dtype=str(dtype).replace("torch.", ""),
     )
     config[D2SD_EXTRA_KEY] = {k: getattr(cfg, k) for k in D2SD_EXTRA_FIELDS}
+    untrained = vp_untrained_slots(cfg)
+    if untrained:
+        # A plain DFlash reader ignores the d2sd block: say it where a person reading the config looks.
+        config.update(d2sd_trained_as="vp", d2sd_untrained_slots=untrained)
     return config
 
 
@@ -90,6 +101,17 @@ def save_drafter(drafter: Drafter, save_directory: str, format: str = "deepspec"
     os.makedirs(save_directory, exist_ok=True)
     write_json(config, os.path.join(save_directory, CONFIG_NAME))
     save_file(sd, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt", "d2sd_format": format})
+    readable_by_all(os.path.join(save_directory, WEIGHTS_NAME))
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once at import: umask() is process-wide, so never toggled while threads write files
+
+
+def readable_by_all(path) -> None:
+    """Mode 0666 & ~umask, as a plain open() gives: safetensors creates its files 0600, and a
+    checkpoint is meant to be shared like any other file."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def shard_name(i: int, n: int) -> str:
@@ -123,7 +145,12 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 
     sd: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
-        sd.update(load_file(f))
+        try:
+            sd.update(load_file(f))
+        except Exception as e:  # safetensors' SafetensorError has no narrower public base
+            if type(e).__name__ != "SafetensorError" and not isinstance(e, OSError):
+                raise
+            raise ValueError(f"cannot read {f} (damaged or truncated file?): {e}") from None
     return sd
 
 
