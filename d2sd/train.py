@@ -10,6 +10,7 @@ Real runs name a target and data::
     python -m d2sd.train --target /models/Qwen3-8B --cache cache/ --preset qwen3-8b
     torchrun --nproc_per_node 8 -m d2sd.train --target ... --data ... --preset qwen3-8b [--fsdp]
     python -m d2sd.train --resume runs/qwen3-8b-20260101-120000
+    python -m d2sd.train --preset qwen3-8b --target ... --print-config > run.yaml   # then: --config run.yaml
 
 ``main()`` is config -> data -> model -> loop; every knob has a ``--help`` line.
 """
@@ -51,8 +52,8 @@ DRAFTER_KNOBS = {
     "d2_prefix_weight_base": "D2 prefix-length law P(p) ~ base**p (base < 1 favours short prefixes)",
     "loss_decay_gamma": "loss weight decay exp(-offset/gamma) along the block (<= 0: none)",
 }
-# Run options replayed on --resume (everything but where to resume from).
-NOT_REPLAYED = {"resume"}
+# Run options replayed on --resume (everything but where to resume from and the one-shot actions).
+NOT_REPLAYED = {"resume", "config", "print_config"}
 
 
 class UsageError(Exception):
@@ -132,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="D2 (variable-prefix) training; --no-d2 = plain DFlash")
     g.add_argument("--dflash-labels", dest="dflash_labels", choices=("shifted", "same"),
                    help="DFlash-mode labels: shifted (DeepSpec, slot k predicts token a+k+1) or same")
+    g.add_argument("--config", metavar="FILE",
+                   help="YAML or JSON file of options (keys: option names, e.g. lr, target_layer_ids, d2); "
+                        "layered over the preset, under a resumed run's options and the command line")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved options as a --config file (YAML) and exit")
+    g.add_argument("--report-to", dest="report_to", metavar="LIST",
+                   help="trackers besides metrics.jsonl: tensorboard, wandb, both comma-separated, or none "
+                        "(default tensorboard when installed; WANDB_MODE=offline works without a network)")
     _add_dataclass_options(p.add_argument_group("training (TrainConfig)"), TrainConfig)
     _add_dataclass_options(p.add_argument_group("drafter (DrafterConfig)"), DrafterConfig, DRAFTER_KNOBS)
     return p
@@ -153,6 +162,7 @@ class Run:
     fsdp: bool
     resume_from: Optional[Path] = None
     resume_state: Optional[dict] = None
+    print_config: bool = False
 
     @property
     def embedded(self) -> bool:
@@ -160,8 +170,16 @@ class Run:
 
 
 def resolve_run(argv: Optional[list[str]] = None) -> Run:
-    """Layer TrainConfig defaults < preset < resumed run's options < command line."""
-    given = vars(build_parser().parse_args(argv))
+    """Layer TrainConfig defaults < preset < --config file < resumed run's options < command line."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    if "config" in given:
+        from .runconfig import read_config
+
+        try:
+            given = {**read_config(given["config"], parser, NOT_REPLAYED), **given}
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     resume_from, state = None, None
     if "resume" in given:
         where = given["resume"] or given.get("out")
@@ -169,11 +187,20 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
             raise UsageError("bare --resume needs --out DIR (or pass the run dir: --resume DIR)")
         resume_from = ckpt.resolve_resume(Path(where), log=log)
         state = ckpt.load_trainer_state(resume_from)
-        opts = {**state["run_opts"], **{k: v for k, v in given.items() if k not in NOT_REPLAYED}}
+        cli = vars(parser.parse_args(argv))  # the command line alone wins over the resumed options
+        opts = {**given, **state["run_opts"], **cli}
+        opts = {k: v for k, v in opts.items() if k not in NOT_REPLAYED}
         if "out" not in given:
             opts["out"] = str(resume_from.parent.parent)
     else:
         opts = {k: v for k, v in given.items() if k not in NOT_REPLAYED}
+    if "report_to" in opts:
+        from .trackers import check_report_to
+
+        try:
+            check_report_to(opts["report_to"])
+        except (ValueError, ImportError) as e:
+            raise UsageError(str(e)) from None
     for k in ("target", "data", "cache"):
         # Absolute, so that --resume works from any working directory.
         if k in given and given[k]:
@@ -188,11 +215,12 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
         drafter_args["backend"] = "auto"
     _check_train_config(train)
     out = Path(opts["out"]) if "out" in opts else Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    opts.setdefault("out", str(out))
+    if not given.get("print_config"):  # a printed config names a run dir only when one was given
+        opts.setdefault("out", str(out))
     if resume_from is None and ckpt.list_checkpoints(out / "checkpoints"):
         raise UsageError(f"{out} already holds checkpoints: continue it with --resume {out}, or pick another --out")
     return Run(
-        opts=opts, preset=preset_name, train=train, drafter_args=drafter_args,
+        opts=opts, preset=preset_name, print_config=bool(given.get("print_config")), train=train, drafter_args=drafter_args,
         target=opts.get("target"), data=opts.get("data"), cache=opts.get("cache"), out=out,
         device=opts.get("device"), fsdp=bool(opts.get("fsdp", False)),
         resume_from=resume_from, resume_state=state,
@@ -553,8 +581,10 @@ def build_model(run: Run, target, info: ddist.DistInfo):
     if run.resume_from is not None:
         from safetensors.torch import load_file
 
+        from .models.checkpoint import drafter_state_dict
+
         sd = load_file(str(run.resume_from / ckpt.DRAFTER_DIR / "model.safetensors"))
-        drafter.load_state_dict(sd)
+        drafter.load_state_dict(drafter_state_dict(sd, drafter.config))
     drafter.to(info.device)
     return drafter, ddist.wrap_model(drafter, info, fsdp=run.fsdp)
 
@@ -623,11 +653,12 @@ def restore(run: Run, model, optimizer, scheduler, batcher: Batcher, gen) -> int
 class Metrics:
     """metrics.jsonl (one object per logged step), TensorBoard when importable, curves.png at the end."""
 
-    def __init__(self, out: Path, enabled: bool, resume_step: Optional[int]):
+    def __init__(self, out: Path, enabled: bool, resume_step: Optional[int], report_to: str = "tensorboard",
+                 config: Optional[dict] = None):
         self.path = out / "metrics.jsonl"
         self.enabled = enabled
         self.rows: list[dict] = []
-        self.tb = None
+        self.trackers = []
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -638,13 +669,10 @@ class Metrics:
             self.path.unlink()
         with open(self.path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.rows)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        from .trackers import open_trackers, parse_report_to
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:
-            log("tensorboard is not installed: metrics go to metrics.jsonl only")
-            self.tb = None
+        names = parse_report_to(report_to)
+        self.trackers = open_trackers(names, out, config, resume_step, required=[] if report_to == "tensorboard" else names, log=log)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
@@ -652,10 +680,8 @@ class Metrics:
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, row["step"])
+        for t in self.trackers:
+            t.log(row)
 
     def plot(self, out: Path) -> Optional[Path]:
         """curves.png (loss + accuracy); None when matplotlib is missing or nothing was logged."""
@@ -688,8 +714,8 @@ class Metrics:
         return path
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for t in self.trackers:
+            t.close()
 
 
 # ============================================================================ loop
@@ -722,7 +748,8 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
     from tqdm import tqdm
 
     t = run.train
-    metrics = Metrics(run.out, info.is_main, start_step if run.resume_from else None)
+    metrics = Metrics(run.out, info.is_main, start_step if run.resume_from else None,
+                      run.opts.get("report_to", "tensorboard"), config=run.opts)
     amp = info.device.type == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=t.max_steps, initial=start_step, disable=not info.is_main, dynamic_ncols=True, file=sys.stderr)
@@ -788,6 +815,11 @@ def report(run: Run, result: dict) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         run = resolve_run(argv)
+        if run.print_config:
+            from .runconfig import dump_config
+
+            print(dump_config(run), end="")
+            return 0
         info = ddist.setup(run.device)
         random.seed(run.train.seed)
         np.random.seed(run.train.seed)

@@ -30,6 +30,7 @@ from .base import CONFIG_NAME, DEEPSPEC_ARCH, WEIGHTS_NAME, Drafter, read_json, 
 
 __all__ = [
     "save_drafter", "load_drafter", "detect_format", "FORMATS", "check_dflash_exportable", "deepspec_config_of",
+    "drafter_state_dict",
 ]
 
 FORMATS = ("deepspec", "dflash")
@@ -209,7 +210,7 @@ def _config_from_deepspec(config: dict) -> DrafterConfig:
     )
 
 
-def _deepspec_state_dict(sd: dict[str, torch.Tensor], cfg: DrafterConfig, path: str) -> dict[str, torch.Tensor]:
+def drafter_state_dict(sd: dict[str, torch.Tensor], cfg: DrafterConfig, path: str = "model.safetensors") -> dict[str, torch.Tensor]:
     """DeepSpec weights -> ours: drop Gemma4's layer scalars (must be 1); a ``attention_k_eq_v`` layer
     (no v_proj: v is k_proj's output) gets v_proj = k_proj, the same function."""
     for i in range(cfg.num_draft_layers):
@@ -327,7 +328,7 @@ def load_drafter(
         _check_against_target(cfg, target, path)
     sd = load_file(w_path)
     if fmt == "deepspec":
-        sd = _deepspec_state_dict(sd, cfg, w_path)
+        sd = drafter_state_dict(sd, cfg, w_path)
     floats = [t.dtype for t in sd.values() if t.is_floating_point()]
     dtype = dtype or (floats[0] if floats else torch.float32)
     drafter = drafter_class(cfg.model_type)(cfg).to(dtype)
