@@ -202,8 +202,8 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
         except (ValueError, ImportError) as e:
             raise UsageError(str(e)) from None
     for k in ("target", "data", "cache"):
-        # Absolute, so that --resume works from any working directory.
-        if k in given and given[k]:
+        # Absolute, so that --resume works from any working directory (a Hub id stays an id).
+        if k in given and given[k] and (k != "target" or os.path.exists(os.path.expanduser(given[k]))):
             opts[k] = os.path.abspath(os.path.expanduser(given[k]))
     preset_name = opts.get("preset", "tiny")
     preset = get_preset(preset_name)
@@ -254,9 +254,14 @@ def load_target_model(run: Run, device: torch.device):
         from .assets import tiny_target_path
 
         path = tiny_target_path()
-    path = os.path.expanduser(str(path))
+    from .target import resolve_model
+
+    try:
+        path = resolve_model(path)
+    except FileNotFoundError as e:
+        raise UsageError(f"target {e}") from None
     if not Path(path).exists():
-        raise UsageError(f"target path {path} does not exist (pass a Hugging Face model dir with --target)")
+        raise UsageError(f"target path {path} does not exist (pass a Hugging Face model dir or Hub id with --target)")
     # bf16 on GPU; with a cache the target is never run (only its embeddings are copied): bf16 too.
     dtype = torch.bfloat16 if device.type == "cuda" or run.cache else torch.float32
     try:
@@ -317,9 +322,9 @@ def load_examples(run: Run, target, tokenizer):
         if run.cache is not None:
             return _cache_samples(run, target)
         if run.data is not None:
-            if not Path(run.data).is_file():
+            if not Path(run.data).exists():
                 raise UsageError(f"--data {run.data}: no such file")
-            samples, stats = data.load_chat_jsonl(run.data, tokenizer, t.max_length)
+            samples, stats = data.load_chat_data(run.data, tokenizer, t.max_length)
         else:
             log(f"the target regenerates {EMBEDDED_PROMPTS} built-in responses (max {t.max_new_tokens} new tokens)")
             records = data.default_corpus(EMBEDDED_PROMPTS, seed=t.seed, target=target, tokenizer=tokenizer,

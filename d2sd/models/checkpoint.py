@@ -300,6 +300,9 @@ def load_drafter(
 
     from . import drafter_class
 
+    from ..target import resolve_model
+
+    path = resolve_model(path)  # a local folder or a Hub id (local Hub cache when offline)
     cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"drafter checkpoint folder {path!r} does not exist")
