@@ -216,6 +216,8 @@ def test_hub_ids_resolve_from_the_local_hub_cache_offline(tmp_path):
         "from d2sd.models import load_drafter\n"
         "m, t = load_target('org/tiny-target')\n"
         "d = load_drafter('org/tiny-drafter', target=m)\n"
+        "from d2sd.models import D2SDDrafterModel\n"
+        "assert D2SDDrafterModel.from_pretrained('org/tiny-drafter', revision='main').config.drafter_config == d.config\n"
         "assert resolve_model('org/tiny-target').endswith('snapshots/0123abcd')\n"
         "try:\n    resolve_model('org/absent')\nexcept FileNotFoundError as e:\n    print('absent:', e)\n"
         "print('ok', d.config.num_draft_layers)\n"
