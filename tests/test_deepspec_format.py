@@ -274,3 +274,16 @@ def test_gemma4_deepspec_checkpoint_loads_and_exports_back(tmp_path):
     keys = set(load_file(str(tmp_path / "out" / "model.safetensors")))
     assert keys == (set(sd) | {"layers.0.self_attn.v_proj.weight"})  # an explicit v_proj: attention_k_eq_v false
     assert torch.equal(load_drafter(str(tmp_path / "out")).draft_logits(th, torch.tensor([[3, 8]]), torch.full((1, 2, 7), 4)), logits)
+
+
+def test_folders_of_older_d2sd_versions_still_load(tmp_path):
+    """Before #22 d2sd wrote architectures ["D2SDDrafter"] and the flat DrafterConfig fields."""
+    d = build_drafter(target_config(), num_draft_layers=2, block_size=4, target_layer_ids=[1, 3], mask_token_id=28)
+    tmp_path.mkdir(exist_ok=True)
+    json.dump({"architectures": ["D2SDDrafter"], **d.config.to_dict(), "torch_dtype": "float32"},
+              open(tmp_path / "config.json", "w"))
+    save_file({k: v.contiguous() for k, v in d.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    e = load_drafter(str(tmp_path))
+    assert e.config == d.config
+    for k, v in d.state_dict().items():
+        assert torch.equal(v, e.state_dict()[k]), k
