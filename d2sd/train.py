@@ -220,10 +220,10 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
     if resume_from is None and ckpt.list_checkpoints(out / "checkpoints"):
         raise UsageError(f"{out} already holds checkpoints: continue it with --resume {out}, or pick another --out")
     return Run(
-        opts=opts, preset=preset_name, print_config=bool(given.get("print_config")), train=train, drafter_args=drafter_args,
+        opts=opts, preset=preset_name, train=train, drafter_args=drafter_args,
         target=opts.get("target"), data=opts.get("data"), cache=opts.get("cache"), out=out,
         device=opts.get("device"), fsdp=bool(opts.get("fsdp", False)),
-        resume_from=resume_from, resume_state=state,
+        resume_from=resume_from, resume_state=state, print_config=bool(given.get("print_config")),
     )
 
 

@@ -98,3 +98,13 @@ def test_report_to_wandb_offline(tmp_path):
     assert len(runs) == 1, list(out.rglob("*"))[:20]
     run_id = (out / "wandb_run_id").read_text().strip()
     assert runs[0].name.endswith(run_id) and list(runs[0].glob("*.wandb"))
+
+
+def test_resumed_options_sit_between_the_file_and_the_command_line(tmp_path, monkeypatch):
+    (tmp_path / "run.yaml").write_text("lr: 0.1\nmax_steps: 9\nseed: 5\n")
+    ck = tmp_path / "run" / "checkpoints" / "step-00000001"
+    monkeypatch.setattr(train.ckpt, "resolve_resume", lambda where, log: ck)
+    monkeypatch.setattr(train.ckpt, "load_trainer_state", lambda p: {"run_opts": {"lr": 0.2, "out": str(tmp_path / "run")}})
+    r = train.resolve_run(["--config", str(tmp_path / "run.yaml"), "--resume", str(tmp_path / "run"), "--seed", "7"])
+    assert (r.train.lr, r.train.max_steps, r.train.seed) == (0.2, 9, 7)
+    assert "config" not in r.opts and r.resume_from == ck
