@@ -352,7 +352,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="target device")
     args = p.parse_args(argv)
 
-    from .data import load_chat_jsonl, regenerate_with_target, tokenize_chat
+    from .data import load_chat_data, regenerate_with_target, tokenize_chat
     from .target import load_target, num_target_layers
 
     if args.target is None:
@@ -362,7 +362,7 @@ def main(argv=None) -> None:
     model, tokenizer = load_target(args.target, device=args.device)
     layer_ids = args.layer_ids or preset_layer_ids(args.preset, num_target_layers(model))
     if args.data is not None:
-        samples, stats = load_chat_jsonl(args.data, tokenizer, max_length=args.max_length)
+        samples, stats = load_chat_data(args.data, tokenizer, max_length=args.max_length)
         sources = [os.path.abspath(args.data)]
     else:
         from .data import builtin_prompts

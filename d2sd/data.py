@@ -203,6 +203,9 @@ class TokenizedChats:
     def __len__(self) -> int:
         return len(self.ds)
 
+    def __iter__(self) -> Iterator[dict]:
+        return (self[i] for i in range(len(self)))
+
     def __getitem__(self, i: int) -> dict:
         row = self.ds[int(i)]
         return {k: row[k][: self.max_length].long() for k in ("input_ids", "loss_mask")}
