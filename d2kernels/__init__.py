@@ -1,12 +1,15 @@
 """d2kernels: fused kernels for training DFlash / D2SD (variable-prefix) drafters.
 
 Public API (see SPEC.md): ``layout`` helpers, ``varprefix_attention``, ``noise_embedding``,
-``decayed_cross_entropy``. Imports neither ``transformers`` nor ``d2sd``.
+``decayed_cross_entropy``; their ``nn.Module`` faces in ``d2kernels.modules`` (``NoiseEmbedding``,
+``VarPrefixAttention``, ``DecayedCrossEntropy``). Imports neither ``transformers`` nor ``d2sd``.
 """
 from . import layout
 from .attention import varprefix_attention
 from .cross_entropy import decayed_cross_entropy
 from .embedding import noise_embedding
+from . import modules
+from .modules import DecayedCrossEntropy, NoiseEmbedding, VarPrefixAttention
 from ._checks import set_validation, validation
 from .layout import (
     decay_weights,
@@ -24,6 +27,10 @@ __all__ = [
     "varprefix_attention",
     "noise_embedding",
     "decayed_cross_entropy",
+    "modules",
+    "NoiseEmbedding",
+    "VarPrefixAttention",
+    "DecayedCrossEntropy",
     "sample_anchors",
     "sample_prefix_lengths",
     "draft_token_ids",

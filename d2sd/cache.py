@@ -379,6 +379,16 @@ def write_cache(out, target, tokenizer, samples: Sequence[dict], layer_ids: Sequ
 
 # ----------------------------------------------------------------------------- CLI
 
+def preset_layer_ids(preset: str, num_layers: int) -> list[int]:
+    """The target layers a drafter of ``preset`` reads from a ``num_layers``-layer target, so that
+    ``train --cache`` with the same preset finds them: the preset's own, else build_drafter's default."""
+    from .config import default_target_layer_ids, get_preset
+
+    drafter = get_preset(preset)["drafter"]
+    ids = drafter.get("target_layer_ids")
+    return list(ids) if ids else default_target_layer_ids(num_layers, drafter.get("num_draft_layers", 5))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m d2sd.cache",
                                 description="Precompute target features into a DeepSpec v2 target cache.")
@@ -387,7 +397,10 @@ def main(argv=None) -> None:
                    help="chat JSONL file (default: built-in prompts answered by the target)")
     p.add_argument("--out", required=True, help="output cache directory (must not exist or be empty)")
     p.add_argument("--layer-ids", type=int, nargs="+", default=None,
-                   help="target layers to store, ascending; -1 = embeddings (default: a spread of 3)")
+                   help="target layers to store, ascending; -1 = embeddings (default: the --preset drafter's)")
+    p.add_argument("--preset", default="tiny",
+                   help="training preset whose target layers the cache holds when --layer-ids is not given "
+                        "(its target_layer_ids, else the layers build_drafter would pick); default tiny")
     p.add_argument("--max-length", type=int, default=2048, help="truncate sequences to this many tokens")
     p.add_argument("--num-prompts", type=int, default=256, help="built-in prompts when --data is not given")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in prompts")
@@ -400,17 +413,17 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="target device")
     args = p.parse_args(argv)
 
-    from .data import load_chat_jsonl, regenerate_with_target, tokenize_chat
-    from .target import default_layer_ids, load_target, num_target_layers
+    from .data import load_chat_data, regenerate_with_target, tokenize_chat
+    from .target import load_target, num_target_layers
 
     if args.target is None:
         from .assets import tiny_target_path
 
         args.target = tiny_target_path()
     model, tokenizer = load_target(args.target, device=args.device)
-    layer_ids = args.layer_ids or default_layer_ids(num_target_layers(model))
+    layer_ids = args.layer_ids or preset_layer_ids(args.preset, num_target_layers(model))
     if args.data is not None:
-        samples, stats = load_chat_jsonl(args.data, tokenizer, max_length=args.max_length)
+        samples, stats = load_chat_data(args.data, tokenizer, max_length=args.max_length)
         sources = [os.path.abspath(args.data)]
     else:
         from .data import builtin_prompts

@@ -1,5 +1,8 @@
 """Chat data -> ``input_ids [S]`` / ``loss_mask [S]`` samples, batching, and a resumable sampler.
 
+    python -m d2sd.data regenerate --data prompts.jsonl --out regen.jsonl --server URL   # or --target DIR
+    python -m d2sd.data tokenize --data regen.jsonl --target DIR --out tokenized/ --num-proc 16
+
 A record is ``{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}``;
 DeepSpec's regenerated records (``"conversations"``, extra keys ignored), ShareGPT turns
 (``{"from": "human"|"gpt", "value": ...}``) and OpenAI content-part lists are accepted too.
@@ -92,7 +95,12 @@ def _messages(record: dict) -> list[dict]:
                               if isinstance(p, dict) and p.get("type", "text") == "text")
         if not isinstance(role, str) or not isinstance(content, str):
             raise ValueError(f"a turn needs string 'role' and 'content', got {sorted(turn)}")
-        out.append({"role": ROLE_ALIASES.get(role, role), "content": content})
+        msg = {"role": ROLE_ALIASES.get(role, role), "content": content}
+        # Thinking turns: templates with reasoning render ``reasoning_content`` (DeepSpec writes ``thinking``).
+        reasoning = turn.get("reasoning_content", turn.get("thinking"))
+        if isinstance(reasoning, str) and reasoning:
+            msg["reasoning_content"] = reasoning
+        out.append(msg)
     return out
 
 
@@ -202,6 +210,150 @@ def has_anchor_run(loss_mask: torch.Tensor, run: int) -> bool:
     for i in range(1, run):
         ok &= lm[i:i + n]
     return bool(ok.any())
+
+
+class TokenizedChats:
+    """Samples of a tokenized chat dataset on disk (``datasets`` Arrow files): ``len``, ``[i]`` ->
+    ``{"input_ids", "loss_mask"}`` long tensors, read lazily (memory-mapped, shared by all ranks)."""
+
+    def __init__(self, path: str, max_length: int | None = None):
+        import datasets
+
+        self.path, self.max_length = path, max_length
+        self.ds = datasets.load_from_disk(path).with_format("torch", columns=["input_ids", "loss_mask"])
+        with open(os.path.join(path, STATS_FILE)) as f:
+            self.stats = json.load(f)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.ds[int(i)]
+        return {k: row[k][: self.max_length].long() for k in ("input_ids", "loss_mask")}
+
+
+STATS_FILE = "d2sd_stats.json"
+TOKENIZE_VERSION = 2  # bump when the tokenization rule changes: old caches are not reused
+
+
+def _tokenize_lines(batch: dict, tokenizer, max_length: int | None, path: str) -> dict:
+    out = {"input_ids": [], "loss_mask": [], "truncated": [], "had_assistant": []}
+    for lineno, line in zip(batch["lineno"], batch["line"]):
+        try:
+            sample, truncated, had_assistant = _tokenize(json.loads(line), tokenizer, max_length)
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
+        out["input_ids"].append(sample["input_ids"].int().tolist())
+        out["loss_mask"].append(sample["loss_mask"].to(torch.int8).tolist())
+        out["truncated"].append(truncated)
+        out["had_assistant"].append(had_assistant)
+    return out
+
+
+def tokenized_cache_dir(path, tokenizer, max_length: int | None, cache_dir: str | None = None) -> str:
+    """Where ``tokenize_chat_dataset`` keeps the tokenization of ``path``: keyed by the file's bytes,
+    the tokenizer (vocab, chat template) and ``max_length``."""
+    import hashlib
+
+    from datasets.fingerprint import Hasher
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    h.update(f"{Hasher.hash(tokenizer)}:{max_length}:{TOKENIZE_VERSION}".encode())
+    root = cache_dir or os.path.join(os.environ.get("D2SD_CACHE", os.path.expanduser("~/.cache/d2sd")), "tokenized")
+    return os.path.join(root, h.hexdigest()[:24])
+
+
+def tokenize_chat_dataset(path, tokenizer, max_length: int | None = None, num_proc: int | None = None,
+                          out: str | None = None, cache_dir: str | None = None) -> TokenizedChats:
+    """``load_chat_jsonl`` through ``datasets``: ``map`` over ``num_proc`` processes, written once to
+    ``out`` (default: a cache folder keyed by file, tokenizer and max_length) and reused after.
+
+    Under ``torch.distributed`` rank 0 tokenizes while the others wait, then every rank memory-maps
+    the same files. Same samples, errors and stats as ``load_chat_jsonl``.
+    """
+    import torch.distributed as dist
+
+    path = os.fspath(path)
+    where = out or tokenized_cache_dir(path, tokenizer, max_length, cache_dir)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    build = out is not None or not os.path.isfile(os.path.join(where, STATS_FILE))
+    if build and (not distributed or dist.get_rank() == 0):
+        _build_tokenized(path, tokenizer, max_length, num_proc, where)
+    if distributed:
+        dist.barrier()
+    return TokenizedChats(where)
+
+
+def _build_tokenized(path: str, tokenizer, max_length, num_proc, where: str) -> None:
+    import shutil
+
+    import datasets
+
+    lines, linenos = [], []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = decode_line(raw, path, lineno)
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            lines.append(line)
+            linenos.append(lineno)
+    ds = datasets.Dataset.from_dict({"lineno": linenos, "line": lines})
+    if len(ds):
+        ds = ds.map(_tokenize_lines, batched=True, batch_size=64, num_proc=num_proc if num_proc and num_proc > 1 else None,
+                    fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "path": path},
+                    remove_columns=["line"], desc="tokenize")
+        supervised = [sum(m) for m in ds["loss_mask"]]
+        lengths = [len(i) for i in ds["input_ids"]]
+        keep = [i for i, n in enumerate(supervised) if n > 0]
+        had = ds["had_assistant"]
+        cut = sum(1 for i, n in enumerate(supervised) if n == 0 and had[i])
+        stats = {"records": len(ds), "samples": len(keep), "skipped_no_assistant": len(ds) - len(keep) - cut,
+                 "skipped_past_max_length": cut, "truncated": sum(ds[i]["truncated"] for i in keep),
+                 "tokens": sum(lengths[i] for i in keep), "supervised_tokens": sum(supervised[i] for i in keep)}
+        ds = ds.select(keep).remove_columns(["lineno", "truncated", "had_assistant"])
+    else:
+        ds = datasets.Dataset.from_dict({"input_ids": [], "loss_mask": []})
+        stats = {"records": 0, "samples": 0, "skipped_no_assistant": 0, "skipped_past_max_length": 0, "truncated": 0,
+                 "tokens": 0, "supervised_tokens": 0}
+    tmp = where.rstrip("/") + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(tmp)
+    with open(os.path.join(tmp, STATS_FILE), "w") as f:
+        json.dump(stats, f)
+    shutil.rmtree(where, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(where)), exist_ok=True)
+    try:
+        os.replace(tmp, where)  # complete or absent: a crash leaves no half cache behind
+    except OSError:
+        if not os.path.isfile(os.path.join(where, STATS_FILE)):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same cache first
+
+
+def load_chat_data(path, tokenizer, max_length: int | None = None, num_proc: int | None = None):
+    """Training samples of ``path``: a folder written by ``python -m d2sd.data tokenize``, or a chat
+    JSONL (tokenized once through ``datasets`` and cached when it is installed, else in memory).
+    Returns ``(samples, stats)``."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        t = TokenizedChats(path, max_length)
+        return t, t.stats
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        return load_chat_jsonl(path, tokenizer, max_length)
+    t = tokenize_chat_dataset(path, tokenizer, max_length, num_proc=num_proc)
+    return t, t.stats
 
 
 def write_chat_jsonl(path, records: Sequence[dict]) -> None:
@@ -330,3 +482,77 @@ class ResumableSampler:
                 raise ValueError(f"sampler state has {key}={state[key]}, this sampler has {getattr(self, key)}")
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m d2sd.data", description="Prepare chat data for drafter training.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("regenerate", help="answer a chat dataset's prompts with the target (resumable JSONL)")
+    r.add_argument("--data", required=True, help="input chat JSONL (messages / conversations per line)")
+    r.add_argument("--out", required=True, help="output JSONL (appended to: a rerun continues where it stopped)")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--server", help="OpenAI-compatible server URL (vLLM, SGLang, ...), e.g. http://127.0.0.1:30000")
+    src.add_argument("--target", help="target model dir or Hub id: generate in this process (batched)")
+    r.add_argument("--model", default="default", help="model name sent to the server")
+    r.add_argument("--concurrency", type=int, default=64, help="requests in flight (--server)")
+    r.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (--target)")
+    r.add_argument("--max-new-tokens", type=int, default=4096, help="answer length limit")
+    r.add_argument("--temperature", type=float, default=0.0, help="0: greedy, else sampled")
+    r.add_argument("--top-p", type=float, default=None, help="nucleus sampling")
+    r.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="enable_thinking for the chat template (default: the template's own default)")
+    r.add_argument("--limit", type=int, default=None, help="only the first N records")
+    r.add_argument("--seed", type=int, default=None, help="sampling seed (--target)")
+    r.add_argument("--device", default=None, help="device of --target (default: cuda when available)")
+    t = sub.add_parser("tokenize", help="tokenize a chat JSONL once into Arrow files that train --data reads")
+    t.add_argument("--data", required=True, help="chat JSONL")
+    t.add_argument("--target", default=None, help="target (its tokenizer and chat template); default: the tiny target")
+    t.add_argument("--out", required=True, help="output folder (python -m d2sd.train --data FOLDER)")
+    t.add_argument("--max-length", type=int, default=None, help="truncate sequences to this many tokens")
+    t.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (datasets.map num_proc)")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "regenerate":
+            from .regenerate import ServerGenerator, TargetGenerator, regenerate_file
+
+            if args.server:
+                gen = ServerGenerator(args.server, args.model, args.max_new_tokens, args.temperature, args.top_p,
+                                      args.thinking, args.concurrency)
+                chunk = max(args.concurrency, 1) * 4
+            else:
+                from .target import load_target, resolve_model
+
+                device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+                model, tok = load_target(resolve_model(args.target), device=device)
+                gen = TargetGenerator(model, tok, args.max_new_tokens, args.temperature, args.top_p, args.batch_size,
+                                      args.seed, args.thinking)
+                chunk = args.batch_size * 8
+            stats = regenerate_file(args.data, args.out, gen, chunk_size=chunk, limit=args.limit)
+            print(json.dumps(stats))
+            return 1 if stats["errors"] else 0
+        from transformers import AutoTokenizer
+
+        from .target import resolve_model
+
+        if args.target is None:
+            from .assets import tiny_target_path
+
+            args.target = tiny_target_path()
+        tok = AutoTokenizer.from_pretrained(resolve_model(args.target))
+        ds = tokenize_chat_dataset(args.data, tok, args.max_length, num_proc=args.num_proc, out=args.out)
+        print(json.dumps(ds.stats))
+        return 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"python -m d2sd.data: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

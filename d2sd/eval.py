@@ -204,7 +204,12 @@ def _load_target(path: str, device: torch.device, dtype: torch.dtype):
 
 def _load_drafter(path: str, target, device: torch.device, dtype: torch.dtype):
     from .models import load_drafter
+    from .target import resolve_model
 
+    try:
+        path = resolve_model(path)
+    except FileNotFoundError as e:
+        raise UsageError(f"drafter {e}") from None
     if not (Path(path) / "config.json").is_file():
         raise UsageError(f"drafter {path}: no config.json there (expected a dir written by save_pretrained)")
     return load_drafter(path, target=target).to(device=device, dtype=dtype).eval()

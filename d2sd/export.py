@@ -1,4 +1,7 @@
-"""Convert drafter checkpoints between the d2sd/DeepSpec format and the z-lab/SpecForge DFlash format.
+"""Convert drafter checkpoints between DeepSpec's format and the z-lab/SpecForge DFlash format.
+
+The deepspec format is DeepSpec's own (``Qwen3DSparkModel`` / ``Gemma4DSparkModel``): folders its
+``save_pretrained`` writes are read, and what we write loads with its ``from_pretrained``.
 
     python -m d2sd.export CKPT OUT --format dflash            # for z-lab / SpecForge / vLLM DFlash
     python -m d2sd.export CKPT OUT --format deepspec --target TARGET_DIR
@@ -86,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("out", help="output folder (created; must not overlap the input)")
     p.add_argument("--format", required=True, choices=("dflash", "deepspec"),
                    help="output format: 'dflash' = DFlashDraftModel without embed/lm_head (same-position "
-                        "drafters only); 'deepspec' = d2sd/DeepSpec layout with every weight")
+                        "drafters only); 'deepspec' = DeepSpec's Qwen3DSparkModel/Gemma4DSparkModel checkpoint with every weight")
     p.add_argument("--target", default=None,
                    help="target model folder (HF); needed to read a dflash input, whose embed_tokens/lm_head "
                         "come from the target; when given, also checks that the drafter fits it")

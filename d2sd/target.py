@@ -21,8 +21,25 @@ HF_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_
                   "pytorch_model.bin.index.json")
 
 
+def resolve_model(name_or_path) -> str:
+    """A local folder as given, else a Hugging Face Hub id (``org/name``, optionally ``@revision``)
+    resolved through huggingface_hub: downloaded when online, read from the local Hub cache when
+    ``HF_HUB_OFFLINE=1`` (or when the Hub is unreachable and the snapshot is cached)."""
+    path = os.path.expanduser(os.fspath(name_or_path))
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        return path
+    repo_id, _, revision = path.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, revision=revision or None)
+    except Exception as e:  # not found, offline without a cached snapshot, gated...
+        raise FileNotFoundError(f"{path!r} is not a local folder, and as a Hugging Face Hub id it did not resolve: "
+                                f"{type(e).__name__}: {e}") from None
+
+
 def _check_model_dir(path) -> str:
-    path = os.fspath(path)
+    path = resolve_model(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"target model path does not exist: {path!r}")
     if not os.path.isdir(path):
@@ -50,7 +67,8 @@ def load_target(path, device="cpu", dtype: torch.dtype | None = None):
     """Load an HF causal LM + its tokenizer: frozen, eval mode, on ``device``.
 
     ``dtype`` defaults to bfloat16 on CUDA and float32 elsewhere. Returns ``(model, tokenizer)``.
-    Raises FileNotFoundError / ValueError with the path when it is not an HF model directory.
+    ``path`` may be a Hub id (see ``resolve_model``). Raises FileNotFoundError / ValueError with the
+    path when it is not an HF model directory.
     """
     from transformers import AutoTokenizer
 
@@ -177,21 +195,36 @@ def target_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.T
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
              batch_size: int = 32) -> list[str]:
     """Greedy answers to user ``prompts`` (one user turn each, through the chat template)."""
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    return [t.strip() for t in generate_chat(model, tokenizer, chats, max_new_tokens, batch_size)]
+
+
+@torch.no_grad()
+def generate_chat(model, tokenizer, chats: Sequence[list[dict]], max_new_tokens: int = 64, batch_size: int = 32,
+                  temperature: float = 0.0, top_p: float | None = None, seed: int | None = None,
+                  template_kwargs: dict | None = None) -> list[str]:
+    """The target's next assistant turn for each chat (message lists), batched: greedy when
+    ``temperature`` is 0, else sampled (``top_p``; ``seed`` for reproducibility). Returns the raw
+    decoded text (special tokens dropped; a reasoning block such as ``<think>...</think>`` kept)."""
     device = next(model.parameters()).device
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right: prompts must end aligned
+    sampling = dict(do_sample=False) if not temperature else dict(do_sample=True, temperature=float(temperature),
+                                                                  top_p=top_p, top_k=0)
+    if seed is not None:
+        torch.manual_seed(seed)
     texts = []
     try:
-        for i in range(0, len(prompts), batch_size):
-            chunk = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                   add_generation_prompt=True)
-                     for p in prompts[i:i + batch_size]]
+        for i in range(0, len(chats), batch_size):
+            chunk = [tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True,
+                                                   **(template_kwargs or {}))
+                     for c in chats[i:i + batch_size]]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                 max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id, **sampling)
             new = out[:, enc["input_ids"].shape[1]:]
-            texts.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+            texts.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = old_side
     return texts

@@ -10,6 +10,7 @@ Real runs name a target and data::
     python -m d2sd.train --target /models/Qwen3-8B --cache cache/ --preset qwen3-8b
     torchrun --nproc_per_node 8 -m d2sd.train --target ... --data ... --preset qwen3-8b [--fsdp]
     python -m d2sd.train --resume runs/qwen3-8b-20260101-120000
+    python -m d2sd.train --preset qwen3-8b --target ... --print-config > run.yaml   # then: --config run.yaml
 
 ``main()`` is config -> data -> model -> loop; every knob has a ``--help`` line.
 """
@@ -44,7 +45,7 @@ from . import distributed as ddist
 from .data import collate as pad_batch
 from .config import TrainConfig, get_preset, PRESETS
 from .models import build_drafter
-from .models.checkpoint import TARGET_PARTS, drafter_json, read_weights
+from .models.checkpoint import TARGET_PARTS, drafter_json, drafter_state_dict, read_weights
 
 __all__ = ["main", "build_parser", "resolve_run", "Batcher", "forward_backward", "make_scheduler"]
 
@@ -59,8 +60,8 @@ DRAFTER_KNOBS = {
     "d2_prefix_weight_base": "D2 prefix-length law P(p) ~ base**p (base < 1 favours short prefixes)",
     "loss_decay_gamma": "loss weight decay exp(-offset/gamma) along the block (<= 0: none)",
 }
-# Run options replayed on --resume (everything but where to resume from).
-NOT_REPLAYED = {"resume"}
+# Run options replayed on --resume (everything but where to resume from and the one-shot actions).
+NOT_REPLAYED = {"resume", "config", "print_config"}
 
 
 class UsageError(Exception):
@@ -154,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="D2 (variable-prefix) training; --no-d2 = plain DFlash")
     g.add_argument("--dflash-labels", dest="dflash_labels", choices=("shifted", "same"),
                    help="DFlash-mode labels: shifted (DeepSpec, slot k predicts token a+k+1) or same")
+    g.add_argument("--config", metavar="FILE",
+                   help="YAML or JSON file of options (keys: option names, e.g. lr, target_layer_ids, d2); "
+                        "layered over the preset, under a resumed run's options and the command line")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved options as a --config file (YAML) and exit")
+    g.add_argument("--report-to", dest="report_to", metavar="LIST",
+                   help="trackers besides metrics.jsonl: tensorboard, wandb, both comma-separated, or none "
+                        "(default tensorboard when installed; WANDB_MODE=offline works without a network)")
     _add_dataclass_options(p.add_argument_group("training (TrainConfig)"), TrainConfig)
     _add_dataclass_options(p.add_argument_group("drafter (DrafterConfig)"), DrafterConfig, DRAFTER_KNOBS)
     return p
@@ -176,6 +185,7 @@ class Run:
     compile: Optional[bool] = None  # None: on for CUDA
     resume_from: Optional[Path] = None
     resume_state: Optional[dict] = None
+    print_config: bool = False
 
     @property
     def embedded(self) -> bool:
@@ -183,8 +193,16 @@ class Run:
 
 
 def resolve_run(argv: Optional[list[str]] = None) -> Run:
-    """Layer TrainConfig defaults < preset < resumed run's options < command line."""
-    given = vars(build_parser().parse_args(argv))
+    """Layer TrainConfig defaults < preset < --config file < resumed run's options < command line."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    if "config" in given:
+        from .runconfig import read_config
+
+        try:
+            given = {**read_config(given["config"], parser, NOT_REPLAYED), **given}
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     resume_from, state = None, None
     if "resume" in given:
         where = given["resume"] or given.get("out")
@@ -194,14 +212,23 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
         state = ckpt.load_trainer_state(resume_from)
         if not isinstance(state.get("run_opts"), dict):
             raise ckpt.CorruptCheckpoint(f"{resume_from}: its trainer state holds no run options")
-        opts = {**state["run_opts"], **{k: v for k, v in given.items() if k not in NOT_REPLAYED}}
+        cli = vars(parser.parse_args(argv))  # the command line alone wins over the resumed options
+        opts = {**given, **state["run_opts"], **cli}
+        opts = {k: v for k, v in opts.items() if k not in NOT_REPLAYED}
         if "out" not in given:
             opts["out"] = str(resume_from.parent.parent)
     else:
         opts = {k: v for k, v in given.items() if k not in NOT_REPLAYED}
+    if "report_to" in opts:
+        from .trackers import check_report_to
+
+        try:
+            check_report_to(opts["report_to"])
+        except (ValueError, ImportError) as e:
+            raise UsageError(str(e)) from None
     for k in ("target", "data", "cache"):
-        # Absolute, so that --resume works from any working directory.
-        if k in given and given[k]:
+        # Absolute, so that --resume works from any working directory (a Hub id stays an id).
+        if k in given and given[k] and (k != "target" or os.path.exists(os.path.expanduser(given[k]))):
             opts[k] = os.path.abspath(os.path.expanduser(given[k]))
     preset_name = opts.get("preset", "tiny")
     preset = get_preset(preset_name)
@@ -213,7 +240,8 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
         drafter_args["backend"] = "auto"
     _check_train_config(train)
     out = Path(opts["out"]) if "out" in opts else Path("runs") / f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    opts.setdefault("out", str(out))
+    if not given.get("print_config"):  # a printed config names a run dir only when one was given
+        opts.setdefault("out", str(out))
     _check_run_options(opts, train, drafter_args, out)
     if state is not None:
         _check_resume_changes(state, opts, train, drafter_args, drafter_names)
@@ -223,7 +251,7 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
         opts=opts, preset=preset_name, train=train, drafter_args=drafter_args,
         target=opts.get("target"), data=opts.get("data"), cache=opts.get("cache"), out=out,
         device=opts.get("device"), fsdp=bool(opts.get("fsdp", False)), compile=opts.get("compile"),
-        resume_from=resume_from, resume_state=state,
+        resume_from=resume_from, resume_state=state, print_config=bool(given.get("print_config")),
     )
 
 
@@ -333,9 +361,14 @@ def load_target_model(run: Run, device: torch.device):
         from .assets import tiny_target_path
 
         path = tiny_target_path()
-    path = os.path.expanduser(str(path))
+    from .target import resolve_model
+
+    try:
+        path = resolve_model(path)
+    except FileNotFoundError as e:
+        raise UsageError(f"target {e}") from None
     if not Path(path).exists():
-        raise UsageError(f"target path {path} does not exist (pass a Hugging Face model dir with --target)")
+        raise UsageError(f"target path {path} does not exist (pass a Hugging Face model dir or Hub id with --target)")
     # bf16 on GPU; with a cache the target is never run (only its embeddings are copied): bf16 too.
     dtype = torch.bfloat16 if device.type == "cuda" or run.cache else torch.float32
     try:
@@ -396,9 +429,9 @@ def load_examples(run: Run, target, tokenizer):
         if run.cache is not None:
             return _cache_samples(run, target)
         if run.data is not None:
-            if not Path(run.data).is_file():
+            if not Path(run.data).exists():
                 raise UsageError(f"--data {run.data}: no such file")
-            samples, stats = data.load_chat_jsonl(run.data, tokenizer, t.max_length)
+            samples, stats = data.load_chat_data(run.data, tokenizer, t.max_length)
         else:
             log(f"the target regenerates {EMBEDDED_PROMPTS} built-in responses (max {t.max_new_tokens} new tokens)")
             records = data.default_corpus(EMBEDDED_PROMPTS, seed=t.seed, target=target, tokenizer=tokenizer,
@@ -791,7 +824,7 @@ def build_model(run: Run, target, info: ddist.DistInfo):
         raise UsageError(f"cannot build the drafter: {e}") from None
     drafter.init_from_target(target)
     if run.resume_from is not None:
-        drafter.load_state_dict(read_weights(str(run.resume_from / ckpt.DRAFTER_DIR)))
+        drafter.load_state_dict(drafter_state_dict(read_weights(str(run.resume_from / ckpt.DRAFTER_DIR)), drafter.config))
     drafter.to(info.device)
     if use_compile(run, info):
         drafter.compile_layers()
@@ -895,11 +928,12 @@ def apply_train_config(optimizer: torch.optim.Optimizer, scheduler, t: TrainConf
 class Metrics:
     """metrics.jsonl (one object per logged step), TensorBoard when importable, curves.png at the end."""
 
-    def __init__(self, out: Path, enabled: bool, resume_step: Optional[int]):
+    def __init__(self, out: Path, enabled: bool, resume_step: Optional[int], report_to: str = "tensorboard",
+                 config: Optional[dict] = None):
         self.path = out / "metrics.jsonl"
         self.enabled = enabled
         self.rows: list[dict] = []
-        self.tb = None
+        self.trackers = []
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -908,13 +942,10 @@ class Metrics:
             self.rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
         # Replaced, never rewritten in place: a kill mid-write leaves the old history whole.
         _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        from .trackers import open_trackers, parse_report_to
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:
-            log("tensorboard is not installed: metrics go to metrics.jsonl only")
-            self.tb = None
+        names = parse_report_to(report_to)
+        self.trackers = open_trackers(names, out, config, resume_step, required=[] if report_to == "tensorboard" else names, log=log)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
@@ -922,10 +953,8 @@ class Metrics:
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, row["step"])
+        for t in self.trackers:
+            t.log(row)
 
     def plot(self, out: Path) -> Optional[Path]:
         """curves.png (loss + accuracy); None when matplotlib is missing or nothing was logged."""
@@ -958,8 +987,8 @@ class Metrics:
         return path
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for t in self.trackers:
+            t.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -1058,7 +1087,8 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
     from tqdm import tqdm
 
     t = run.train
-    metrics = Metrics(run.out, info.is_main, start_step if run.resume_from else None)
+    metrics = Metrics(run.out, info.is_main, start_step if run.resume_from else None,
+                      run.opts.get("report_to", "tensorboard"), config=run.opts)
     saver = ckpt.AsyncCheckpointer(run.out / "checkpoints", t.keep_last, frozen=TARGET_PARTS) if info.is_main else None
     prefetch = Prefetcher(batcher, examples, pad_id, info.device, drafter.config.vocab_size)
     amp = info.device.type == "cuda"
@@ -1181,6 +1211,11 @@ def report(run: Run, result: dict) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         run = resolve_run(argv)
+        if run.print_config:
+            from .runconfig import dump_config
+
+            print(dump_config(run), end="")
+            return 0
         info = ddist.setup(run.device)
         random.seed(run.train.seed)
         np.random.seed(run.train.seed)

@@ -16,6 +16,7 @@ def test_d2kernels_imports_without_transformers_or_d2sd():
         sys.meta_path.insert(0, Block())
         import d2kernels
         assert callable(d2kernels.varprefix_attention)
+        from d2kernels.modules import VarPrefixAttention, hf_attention_forward
         assert 'transformers' not in sys.modules and 'd2sd' not in sys.modules
         print('ok')
         """

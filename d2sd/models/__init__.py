@@ -2,6 +2,7 @@
 
 ``drafter(input_ids, target_hidden, loss_mask)`` -> ``DrafterOutput`` (training, no logits tensor);
 ``drafter.draft_logits(target_hidden, anchors, block_ids)`` -> logits (inference).
+``D2SDDrafterModel`` (``d2sd.models.hf``): the same drafter as a ``transformers.PreTrainedModel``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,17 @@ __all__ = [
     "Drafter",
     "DrafterOutput",
     "DrafterConfig",
+    "D2SDDrafterModel",
+    "D2SDDrafterConfig",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("D2SDDrafterModel", "D2SDDrafterConfig"):  # lazily: importing PreTrainedModel is slow
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # build_drafter's documented keywords; any other DrafterConfig field is accepted as an override.
 DRAFT_ARGS = (

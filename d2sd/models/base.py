@@ -24,6 +24,7 @@ __all__ = ["DraftAttention", "Drafter", "DrafterOutput", "apply_rope", "kernel_d
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# architectures of deepspec-format folders written by d2sd before it wrote DeepSpec's own config (still read)
 DEEPSPEC_ARCH = "D2SDDrafter"
 
 
@@ -308,7 +309,8 @@ class Drafter(nn.Module):
     def save_pretrained(self, save_directory: str, format: str = "deepspec") -> None:
         """Write ``config.json`` + ``model.safetensors``.
 
-        ``format="deepspec"``: every weight under the SPEC names, the whole DrafterConfig in config.json.
+        ``format="deepspec"``: DeepSpec's ``Qwen3DSparkModel`` / ``Gemma4DSparkModel`` checkpoint (its
+        ``from_pretrained`` loads it), every weight under the SPEC names, our training rule alongside.
         ``format="dflash"``: the z-lab/SpecForge ``DFlashDraftModel`` layout (no embed_tokens / lm_head).
         """
         from .checkpoint import save_drafter

@@ -1,8 +1,14 @@
 """Drafter checkpoints in two formats.
 
-``deepspec`` (ours, DeepSpec's layout): ``config.json`` = the DrafterConfig fields (flat, with the
-transformer dims under HF names) + ``architectures: ["D2SDDrafter"]``; ``model.safetensors`` holds
-every weight under the SPEC names, embed_tokens and lm_head included.
+``deepspec`` (DeepSpec's own ``Qwen3DSparkModel`` / ``Gemma4DSparkModel`` checkpoint): ``config.json``
+is the target's text config with ``architectures: ["Qwen3DSparkModel"]`` (or Gemma4's),
+``num_hidden_layers`` = the draft layers, ``num_target_layers``, ``block_size``, ``mask_token_id``,
+``target_layer_ids``, ``num_anchors``, ``enable_confidence_head: false``, ``markov_rank: 0``,
+``tie_word_embeddings: false``, ``layer_types``; our training rule rides along where DeepSpec's
+loader ignores it (``enable_d2_feature``, ``d2_prefix_weight_base`` at the top, the rest under
+``d2sd``). ``model.safetensors`` holds every weight under the SPEC names, embed_tokens and lm_head
+included (Gemma4 adds DeepSpec's ``layers.{i}.layer_scalar`` buffers, all 1). Folders written by
+older d2sd versions (``architectures: ["D2SDDrafter"]``, flat DrafterConfig fields) still load.
 
 ``dflash`` (z-lab / SpecForge ``DFlashDraftModel``): ``config.json`` = the drafter's Qwen3 config +
 ``block_size``, ``num_target_layers``, ``dflash_config: {target_layer_ids, mask_token_id}``;
@@ -13,6 +19,7 @@ position, so only same-position drafters (D2 / VP drafters, or ``dflash_labels='
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -25,17 +32,26 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 __all__ = [
     "save_drafter", "load_drafter", "detect_format", "FORMATS", "check_dflash_exportable", "drafter_json",
-    "read_weights", "weight_files", "shard_name", "vp_untrained_slots", "readable_by_all",
+    "read_weights", "weight_files", "shard_name", "vp_untrained_slots", "readable_by_all", "deepspec_config_of",
+    "drafter_state_dict",
 ]
 
 FORMATS = ("deepspec", "dflash")
 DFLASH_ARCH = "DFlashDraftModel"
+DEEPSPEC_ARCHS = {"qwen3": "Qwen3DSparkModel", "gemma4": "Gemma4DSparkModel"}
 TARGET_PARTS = ("embed_tokens.weight", "lm_head.weight")
 # Fields a dflash config.json cannot express; kept under this key so a round trip is lossless.
 D2SD_EXTRA_KEY = "d2sd"
 D2SD_EXTRA_FIELDS = (
     "num_anchors", "enable_d2_feature", "d2_prefix_weight_base", "loss_decay_gamma", "dflash_labels", "backend",
 )
+# What a DeepSpec config.json cannot express (it has no training rule beyond anchors, and the family
+# fixes the scales); enable_d2_feature / d2_prefix_weight_base sit at its top level (DeepSpec PR #2).
+DEEPSPEC_EXTRA_FIELDS = (
+    "loss_decay_gamma", "dflash_labels", "backend", "attn_scale", "embed_scale", "final_logit_softcapping",
+)
+# Gemma4DSparkDecoderLayer's persistent scalar buffer (always 1: nothing trains it).
+LAYER_SCALAR = "layers.{}.layer_scalar"
 
 
 def check_dflash_exportable(cfg: DrafterConfig) -> None:
@@ -70,7 +86,7 @@ def drafter_json(cfg: DrafterConfig, dtype: torch.dtype, format: str = "deepspec
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if format == "deepspec":
-        return {"architectures": [DEEPSPEC_ARCH], **cfg.to_dict(), "torch_dtype": str(dtype).replace("torch.", "")}
+        return deepspec_config_of(cfg, dtype)
     check_dflash_exportable(cfg)
     from .qwen3 import qwen3_config_of
 
@@ -95,6 +111,9 @@ def save_drafter(drafter: Drafter, save_directory: str, format: str = "deepspec"
 
     config = drafter_json(drafter.config, drafter.fc.weight.dtype, format)
     sd = _state_dict_cpu(drafter)
+    if format == "deepspec" and drafter.config.model_type == "gemma4":
+        dtype = drafter.fc.weight.dtype
+        sd.update({LAYER_SCALAR.format(i): torch.ones(1, dtype=dtype) for i in range(drafter.config.num_draft_layers)})
     if format == "dflash":
         for k in TARGET_PARTS:
             sd.pop(k)
@@ -154,14 +173,124 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def deepspec_config_of(cfg: DrafterConfig, dtype: torch.dtype = torch.float32) -> dict:
+    """The ``config.json`` DeepSpec's ``Qwen3DSparkModel`` / ``Gemma4DSparkModel`` would write for ``cfg``."""
+    n = cfg.num_draft_layers
+    if cfg.model_type == "qwen3":
+        from .qwen3 import qwen3_config_of
+
+        config = qwen3_config_of(cfg).to_dict()
+    else:
+        # Gemma4's text config; the draft layers have the target's global-layer geometry.
+        config = dict(
+            model_type="gemma4_text", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size, num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads, num_global_key_value_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim, global_head_dim=cfg.head_dim, attention_k_eq_v=False,
+            hidden_activation=cfg.hidden_act, rms_norm_eps=cfg.rms_norm_eps,
+            rope_parameters={"full_attention": dict(cfg.rope_parameters), "sliding_attention": dict(cfg.rope_parameters)},
+            max_position_embeddings=cfg.max_position_embeddings, attention_bias=cfg.attention_bias,
+            attention_dropout=0.0, final_logit_softcapping=cfg.final_logit_softcapping, initializer_range=0.02,
+            enable_moe_block=False, hidden_size_per_layer_input=0, num_kv_shared_layers=0, use_double_wide_mlp=False,
+        )
+    config.update(
+        architectures=[DEEPSPEC_ARCHS[cfg.model_type]],
+        num_hidden_layers=n,
+        num_target_layers=cfg.num_target_layers,
+        block_size=cfg.block_size,
+        tie_word_embeddings=False,
+        layer_types=["full_attention"] * n,
+        mask_token_id=cfg.mask_token_id,
+        target_layer_ids=list(cfg.target_layer_ids),
+        num_anchors=cfg.num_anchors,
+        enable_confidence_head=False,
+        markov_rank=0,
+        enable_d2_feature=bool(cfg.enable_d2_feature),
+        d2_prefix_weight_base=float(cfg.d2_prefix_weight_base),
+        dtype=_dtype_name(dtype),
+    )
+    config[D2SD_EXTRA_KEY] = {k: getattr(cfg, k) for k in DEEPSPEC_EXTRA_FIELDS}
+    return config
+
+
 def detect_format(config: dict) -> Optional[str]:
     """``"deepspec"``, ``"dflash"`` or None for a parsed config.json."""
     arch = config.get("architectures") or []
     if DFLASH_ARCH in arch or "dflash_config" in config:
         return "dflash"
-    if DEEPSPEC_ARCH in arch or all(k in config for k in ("block_size", "target_layer_ids", "mask_token_id")):
+    if set(arch) & {DEEPSPEC_ARCH, *DEEPSPEC_ARCHS.values()}:
+        return "deepspec"
+    if all(k in config for k in ("block_size", "target_layer_ids", "mask_token_id")):
         return "deepspec"
     return None
+
+
+def _gemma4_geometry(config: dict) -> tuple[int, int]:
+    """``(head_dim, kv_heads)`` of a DeepSpec Gemma4 drafter: its layers use the global-layer geometry,
+    stored flat (``global_head_dim``...) or, by newer transformers, under ``per_layer_config``."""
+    per_layer = config.get("per_layer_config") or {}
+    first = per_layer.get("0") or per_layer.get(0) or {}
+    head_dim = config.get("global_head_dim") or first.get("head_dim") or config["head_dim"]
+    kv = config.get("num_key_value_heads")
+    if config.get("attention_k_eq_v"):
+        kv = config.get("num_global_key_value_heads") or first.get("num_key_value_heads") or kv
+    return int(head_dim), int(kv)
+
+
+def _config_from_deepspec(config: dict) -> DrafterConfig:
+    """DrafterConfig of a DeepSpec DSpark ``config.json`` (``num_hidden_layers`` = the draft layers)."""
+    from . import drafter_config_from_target
+
+    if DEEPSPEC_ARCH in (config.get("architectures") or []) and "num_draft_layers" in config:
+        return DrafterConfig.from_dict(config).validate()  # written by d2sd before it wrote DeepSpec's format
+    need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "block_size", "target_layer_ids",
+            "mask_token_id")
+    missing = [k for k in need if k not in config]
+    if missing:
+        raise ValueError(f"DeepSpec drafter config.json lacks {missing}")
+    heads = [h for h, on in (("a Markov head", int(config.get("markov_rank") or 0) > 0),
+                             ("a confidence head", bool(config.get("enable_confidence_head")))) if on]
+    if heads:
+        raise ValueError(
+            f"this DSpark drafter has {' and '.join(heads)}; d2sd trains and runs plain DFlash / VP drafters "
+            "(markov_rank 0, no confidence head), so loading it would silently drop part of the model"
+        )
+    ids = [int(i) for i in config["target_layer_ids"]]
+    tc = dict(config, num_hidden_layers=int(config.get("num_target_layers") or max(ids) + 1), layer_types=[])
+    if str(config.get("model_type", "")).startswith("gemma4") or "Gemma4DSparkModel" in (config.get("architectures") or []):
+        tc["model_type"] = "gemma4"
+        tc["head_dim"], tc["num_key_value_heads"] = _gemma4_geometry(config)
+        tc.update(global_head_dim=None, per_layer_config=None)
+    extra = {k: v for k, v in (config.get(D2SD_EXTRA_KEY) or {}).items() if k in DEEPSPEC_EXTRA_FIELDS}
+    return drafter_config_from_target(
+        SimpleNamespace(**tc),
+        num_draft_layers=int(config["num_hidden_layers"]),
+        target_layer_ids=ids,
+        block_size=int(config["block_size"]),
+        mask_token_id=int(config["mask_token_id"]),
+        num_anchors=int(config.get("num_anchors", 512)),
+        # DeepSpec's DSpark drafters are shifted-label DFlash drafters unless its D2 fields say otherwise.
+        enable_d2_feature=bool(config.get("enable_d2_feature", False)),
+        d2_prefix_weight_base=float(config.get("d2_prefix_weight_base", 0.9)),
+        **extra,
+    )
+
+
+def drafter_state_dict(sd: dict[str, torch.Tensor], cfg: DrafterConfig, path: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    """DeepSpec weights -> ours: drop Gemma4's layer scalars (must be 1); a ``attention_k_eq_v`` layer
+    (no v_proj: v is k_proj's output) gets v_proj = k_proj, the same function."""
+    for i in range(cfg.num_draft_layers):
+        s = sd.pop(LAYER_SCALAR.format(i), None)
+        if s is not None and not torch.all(s == 1):
+            raise ValueError(f"{path}: {LAYER_SCALAR.format(i)} = {s.tolist()}; d2sd's Gemma4 drafter has no layer scale")
+        k, v = f"layers.{i}.self_attn.k_proj.weight", f"layers.{i}.self_attn.v_proj.weight"
+        if cfg.model_type == "gemma4" and k in sd and v not in sd:
+            sd[v] = sd[k].clone()
+    return sd
 
 
 def _config_from_dflash(config: dict) -> DrafterConfig:
@@ -239,6 +368,9 @@ def load_drafter(
     """
     from . import drafter_class
 
+    from ..target import resolve_model
+
+    path = resolve_model(path)  # a local folder or a Hub id (local Hub cache when offline)
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"drafter checkpoint folder {path!r} does not exist")
@@ -252,11 +384,11 @@ def load_drafter(
     fmt = detect_format(config)
     if fmt is None:
         raise ValueError(
-            f"{cfg_path} is neither a d2sd/DeepSpec drafter (architectures ['{DEEPSPEC_ARCH}'] with block_size, "
-            f"target_layer_ids, mask_token_id) nor a z-lab/SpecForge DFlash drafter (architectures "
+            f"{cfg_path} is neither a d2sd/DeepSpec drafter (architectures {sorted(DEEPSPEC_ARCHS.values())} with "
+            f"block_size, target_layer_ids, mask_token_id) nor a z-lab/SpecForge DFlash drafter (architectures "
             f"['{DFLASH_ARCH}'] with dflash_config); got architectures={config.get('architectures')}"
         )
-    cfg = DrafterConfig.from_dict(config).validate() if fmt == "deepspec" else _config_from_dflash(config)
+    cfg = _config_from_deepspec(config) if fmt == "deepspec" else _config_from_dflash(config)
     if backend is not None:
         cfg.backend = backend
     if fmt == "dflash" and target is None:
@@ -267,6 +399,8 @@ def load_drafter(
     if target is not None:
         _check_against_target(cfg, target, path)
     sd = read_weights(path)
+    if fmt == "deepspec":
+        sd = drafter_state_dict(sd, cfg, w_path)
     # A training checkpoint holds fp32 trainable weights beside bf16 frozen ones: the trainable ones decide.
     floats = [t.dtype for k, t in sd.items() if t.is_floating_point() and k not in TARGET_PARTS]
     dtype = dtype or (floats[0] if floats else torch.float32)
