@@ -213,7 +213,7 @@ def varprefix_attention(
     scale: Optional[float] = None,
     backend: str = "auto",
     layout: Optional[VarPrefixLayout] = None,
-    deterministic: bool = False,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Variable-prefix block-sparse attention (DFlash / D2 drafters).
 
@@ -228,9 +228,11 @@ def varprefix_attention(
         layout: ``varprefix_layout(anchors, keep, block_size=B, seq_len=S)``, built once per step
             and shared by every layer (without it each call sorts the anchors itself and
             range-checks them).
-        deterministic: triton backward with a separate dq kernel (bitwise repeatable, ~7 matmuls
-            per tile pair) instead of the default FlashAttention-2 one (dq added atomically in
-            fp32, 5 matmuls; run-to-run differences at fp32 rounding level).
+        deterministic: the triton backward. True (default: the faster one on an H200, and
+            bitwise repeatable): dq by its own kernel per query tile, 7 matmuls per tile pair.
+            False: FlashAttention-2's 5 matmuls, dq added atomically in fp32 by the dk/dv kernel
+            (run-to-run differences at fp32 rounding level); its atomics cost more than the two
+            matmuls it saves here (benchmarks/RESULTS_attention.md).
 
     A query of block ``n`` sees context keys ``j < anchor_n`` and all ``B`` slots of block ``n``::
 

@@ -53,7 +53,7 @@ TILE_TABLES = {
          "dkdv": Tiles(64, 128, 8, 3), "dkdv_draft": Tiles(64, 32, 4, 2, True),
          "dkdv_atomic": Tiles(32, 128, 8, 3), "dkdv_draft_atomic": Tiles(64, 32, 8, 2)},
     128: {"fwd": Tiles(128, 64, 8, 3), "dq": Tiles(128, 64, 8, 3),
-          "dkdv": Tiles(64, 128, 8, 3), "dkdv_draft": Tiles(64, 32, 4, 2, True),
+          "dkdv": Tiles(32, 128, 8, 3), "dkdv_draft": Tiles(64, 32, 8, 2),
           "dkdv_atomic": Tiles(32, 128, 8, 3), "dkdv_draft_atomic": Tiles(64, 32, 8, 2)},
     256: {"fwd": Tiles(64, 64, 4, 2), "dq": Tiles(64, 32, 4, 2),
           "dkdv": Tiles(32, 64, 4, 2), "dkdv_draft": Tiles(32, 32, 4, 1, True),
@@ -376,7 +376,7 @@ def _dkdv_step(dk, dv, k, v, kn, sbk, Q, DO, LSE, DELTA, SANC, PERM, DQ, b, hkv,
 
 
 @triton.jit
-def _varprefix_bwd_dkdv_ctx_kernel(
+def _dkdv_ctx_tile(
     Q, KC, VC, DO, LSE, DELTA, DK, DV, SANC, PERM, DQ,
     stride_qb, stride_qt, stride_qh,
     stride_kcb, stride_kcs, stride_kch,
@@ -385,13 +385,13 @@ def _varprefix_bwd_dkdv_ctx_kernel(
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     stride_dqb, stride_dqt, stride_dqh,
-    S, N, NB, HKV, scale, qk_scale,
+    S, N, NB, HKV, scale, qk_scale, pid_bh, tile,
     G: tl.constexpr, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, SORTED: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    j0 = tl.program_id(1) * BLOCK_N  # early key tiles are seen by most blocks: launched first
+    """``dk, dv`` of context keys ``[tile * BLOCK_N, +BLOCK_N)`` (and their dq share if ATOMIC_DQ)."""
+    j0 = tile * BLOCK_N  # early key tiles are seen by most blocks: launched first
     b = (pid_bh // HKV).to(tl.int64)
     hkv = pid_bh % HKV
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
@@ -430,7 +430,7 @@ def _varprefix_bwd_dkdv_ctx_kernel(
 
 
 @triton.jit
-def _varprefix_bwd_dkdv_draft_kernel(
+def _dkdv_draft_tile(
     Q, KD, VD, DO, LSE, DELTA, DK, DV, SANC, PERM, DQ,
     stride_qb, stride_qt, stride_qh,
     stride_kdb, stride_kdt, stride_kdh,
@@ -439,13 +439,13 @@ def _varprefix_bwd_dkdv_draft_kernel(
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
     stride_dqb, stride_dqt, stride_dqh,
-    N, NB, HKV, scale, qk_scale,
+    N, NB, HKV, scale, qk_scale, pid_bh, tile,
     G: tl.constexpr, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    j0 = tl.program_id(1) * BLOCK_N  # first sorted draft slot of this key tile
+    """``dk, dv`` of draft keys at sorted slots ``[tile * BLOCK_N, +BLOCK_N)`` (and their dq share)."""
+    j0 = tile * BLOCK_N  # first sorted draft slot of this key tile
     b = (pid_bh // HKV).to(tl.int64)
     hkv = pid_bh % HKV
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
@@ -471,6 +471,46 @@ def _varprefix_bwd_dkdv_draft_kernel(
              (dk * scale).to(DK.dtype.element_ty), mask=m_st)
     tl.store(DV + b * stride_dvb + hkv * stride_dvh + slot_k[:, None] * stride_dvt + o_d[None, :],
              dv.to(DV.dtype.element_ty), mask=m_st)
+
+
+@triton.jit
+def _varprefix_bwd_dkdv_kernel(
+    Q, KC, VC, KD, VD, DO, LSE, DELTA, DKC, DVC, DKD, DVD, SANC, PERM, DQ,
+    stride_qb, stride_qt, stride_qh,
+    stride_kcb, stride_kcs, stride_kch,
+    stride_vcb, stride_vcs, stride_vch,
+    stride_kdb, stride_kdt, stride_kdh,
+    stride_vdb, stride_vdt, stride_vdh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkcb, stride_dkcs, stride_dkch,
+    stride_dvcb, stride_dvcs, stride_dvch,
+    stride_dkdb, stride_dkdt, stride_dkdh,
+    stride_dvdb, stride_dvdt, stride_dvdh,
+    stride_dqb, stride_dqt, stride_dqh,
+    S, N, NB, HKV, scale, qk_scale, CTX_TILES,
+    G: tl.constexpr, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, SORTED: tl.constexpr,
+    SLOTS_C: tl.constexpr, BLOCK_MC: tl.constexpr, BLOCK_NC: tl.constexpr, SPLIT_C: tl.constexpr,
+    SLOTS_D: tl.constexpr, BLOCK_MD: tl.constexpr, BLOCK_ND: tl.constexpr, SPLIT_D: tl.constexpr,
+):
+    """Context key tiles (programs ``< CTX_TILES``, heaviest first), then draft key tiles: one
+    launch for every dk/dv (the host cost of a launch is tens of microseconds)."""
+    pid_bh = tl.program_id(0)
+    tile = tl.program_id(1)
+    if tile < CTX_TILES:
+        _dkdv_ctx_tile(Q, KC, VC, DO, LSE, DELTA, DKC, DVC, SANC, PERM, DQ,
+                       stride_qb, stride_qt, stride_qh, stride_kcb, stride_kcs, stride_kch,
+                       stride_vcb, stride_vcs, stride_vch, stride_dob, stride_dot, stride_doh,
+                       stride_dkcb, stride_dkcs, stride_dkch, stride_dvcb, stride_dvcs, stride_dvch,
+                       stride_dqb, stride_dqt, stride_dqh, S, N, NB, HKV, scale, qk_scale, pid_bh, tile,
+                       G, BLK, HEAD_DIM, SLOTS_C, BLOCK_MC, BLOCK_NC, BLOCK_D, SPLIT_C, DOT_PREC, SORTED, ATOMIC_DQ)
+    else:
+        _dkdv_draft_tile(Q, KD, VD, DO, LSE, DELTA, DKD, DVD, SANC, PERM, DQ,
+                         stride_qb, stride_qt, stride_qh, stride_kdb, stride_kdt, stride_kdh,
+                         stride_vdb, stride_vdt, stride_vdh, stride_dob, stride_dot, stride_doh,
+                         stride_dkdb, stride_dkdt, stride_dkdh, stride_dvdb, stride_dvdt, stride_dvdh,
+                         stride_dqb, stride_dqt, stride_dqh, N, NB, HKV, scale, qk_scale, pid_bh, tile - CTX_TILES,
+                         G, BLK, HEAD_DIM, SLOTS_D, BLOCK_MD, BLOCK_ND, BLOCK_D, SPLIT_D, DOT_PREC, ATOMIC_DQ)
 
 
 @triton.jit
@@ -561,6 +601,24 @@ def _s(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _launch_dkdv(q, k_ctx, v_ctx, k_draft, v_draft, do, lse, delta, dk_ctx, dv_ctx, dk_draft, dv_draft,
+                 sanc, perm, dq_acc, S, N, NB, Hkv, scale, qk_scale, common, deterministic, split_ok,
+                 cfg, cfg_d, ctx_tiles, tiles, sorted_q):
+    """Programs ``[0, ctx_tiles)`` do context key tiles, ``[ctx_tiles, tiles)`` draft key tiles."""
+    G = common["G"]
+    _varprefix_bwd_dkdv_kernel[(q.shape[0] * Hkv, tiles)](
+        q, k_ctx, v_ctx, k_draft, v_draft, do, lse, delta, dk_ctx, dv_ctx, dk_draft, dv_draft, sanc, perm, dq_acc,
+        *_s(q), *_s(k_ctx), *_s(v_ctx), *_s(k_draft), *_s(v_draft), *_s(do),
+        *_s(dk_ctx), *_s(dv_ctx), *_s(dk_draft), *_s(dv_draft), *_s(dq_acc),
+        S, N, NB, Hkv, float(scale), qk_scale, ctx_tiles,
+        ATOMIC_DQ=not deterministic, SORTED=sorted_q, **common,
+        SLOTS_C=cfg.block_m // G, BLOCK_MC=cfg.block_m, BLOCK_NC=cfg.block_n, SPLIT_C=cfg.split_ds and split_ok,
+        SLOTS_D=cfg_d.block_m // G, BLOCK_MD=cfg_d.block_m, BLOCK_ND=cfg_d.block_n,
+        SPLIT_D=cfg_d.split_ds and split_ok,
+        num_warps=max(cfg.num_warps, cfg_d.num_warps), num_stages=cfg.num_stages,
+    )
+
+
 def varprefix_attention_fwd(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, block_size: int, scale: float,
                             sorted_blocks=None):
     """``o [Bt, NB, Hq, D]`` (q.dtype) and ``lse [Bt, Hq, NB]`` float32 (natural log, -inf on dummies).
@@ -634,31 +692,23 @@ def varprefix_attention_bwd(do, q, k_ctx, v_ctx, k_draft, v_draft, o, lse, ancho
         )
 
     cfg = pick_tiles("dkdv" + suffix, D, block_size, G, q.dtype)
-    slots = cfg.block_m // G
+    cfg_d = pick_tiles("dkdv_draft" + suffix, D, block_size, G, q.dtype)
+    presort = cfg.presort and deterministic  # the atomic dq adds at the slots' memory order
     q_s, do_s, lse_s, delta_s = q, do, lse, delta
-    if cfg.presort and deterministic:
+    if presort:
         idx = (perm.long()[:, :, None] * block_size + torch.arange(block_size, device=dev)).reshape(Bt, NB)
         rows = torch.arange(Bt, device=dev)[:, None]
         q_s, do_s = q[rows, idx], do[rows, idx]  # [Bt, NB, Hq, D] in sorted slot order
         lse_s, delta_s = (t.gather(2, idx[:, None, :].expand(Bt, Hq, NB)) for t in (lse, delta))
-    _varprefix_bwd_dkdv_ctx_kernel[(Bt * Hkv, triton.cdiv(S, cfg.block_n))](
-        q_s, k_ctx, v_ctx, do_s, lse_s, delta_s, dk_ctx, dv_ctx, sanc, perm, dq_acc,
-        *_s(q_s), *_s(k_ctx), *_s(v_ctx), *_s(do_s), *_s(dk_ctx), *_s(dv_ctx), *_s(dq_acc),
-        S, N, NB, Hkv, float(scale), qk_scale,
-        SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_ds and split_ok,
-        SORTED=cfg.presort and deterministic, ATOMIC_DQ=not deterministic, **common,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-
-    cfg = pick_tiles("dkdv_draft" + suffix, D, block_size, G, q.dtype)
-    slots = cfg.block_m // G
-    _varprefix_bwd_dkdv_draft_kernel[(Bt * Hkv, triton.cdiv(NB, cfg.block_n))](
-        q, k_draft, v_draft, do, lse, delta, dk_draft, dv_draft, sanc, perm, dq_acc,
-        *_s(q), *_s(k_draft), *_s(v_draft), *_s(do), *_s(dk_draft), *_s(dv_draft), *_s(dq_acc),
-        N, NB, Hkv, float(scale), qk_scale,
-        SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_ds and split_ok,
-        ATOMIC_DQ=not deterministic, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    ctx_tiles = triton.cdiv(S, cfg.block_n)
+    if presort:  # the draft tiles read the unsorted q/do: their own launch
+        _launch_dkdv(q_s, k_ctx, v_ctx, k_draft, v_draft, do_s, lse_s, delta_s, dk_ctx, dv_ctx, dk_draft,
+                     dv_draft, sanc, perm, dq_acc, S, N, NB, Hkv, scale, qk_scale, common, deterministic, split_ok,
+                     cfg, cfg_d, ctx_tiles, ctx_tiles, True)
+        ctx_tiles, q_s, do_s, lse_s, delta_s = 0, q, do, lse, delta
+    _launch_dkdv(q_s, k_ctx, v_ctx, k_draft, v_draft, do_s, lse_s, delta_s, dk_ctx, dv_ctx, dk_draft, dv_draft,
+                 sanc, perm, dq_acc, S, N, NB, Hkv, scale, qk_scale, common, deterministic, split_ok,
+                 cfg, cfg_d, ctx_tiles, ctx_tiles + triton.cdiv(NB, cfg_d.block_n), False)
     if acc_dq:
         dq = dq.to(q.dtype)
     return dq, dk_ctx, dv_ctx, dk_draft, dv_draft
