@@ -278,10 +278,10 @@ def test_compiled_layer_one_graph_no_recompile():
 
     for S in (19, 23, 29):
         g = torch.Generator().manual_seed(S)
-        x = torch.randn(1, N * B, D, generator=g, requires_grad=True)
-        ctx = torch.randn(1, S, D, generator=g, requires_grad=True)
+        x = torch.randn(1, N * B, D, generator=g).to(DEV).requires_grad_()
+        ctx = torch.randn(1, S, D, generator=g).to(DEV).requires_grad_()
         anchors, keep = sample_anchors(torch.ones(1, S, dtype=torch.long), N, generator=g)
-        lay = varprefix_layout(anchors, keep, block_size=B, seq_len=S)
+        lay = varprefix_layout(anchors.to(DEV), keep.to(DEV), block_size=B, seq_len=S)
         out = layer(x, ctx, lay)
         out.sum().backward()
         assert torch.isfinite(x.grad).all() and torch.isfinite(ctx.grad).all()
