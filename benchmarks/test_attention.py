@@ -2,10 +2,13 @@
 
     pytest benchmarks/test_attention.py --benchmark-only
 
-Providers: ``ours`` (the public op, backend="triton"), ``flex`` (compiled ``flex_attention``,
-BlockMask prebuilt), ``flex+build`` (compiled ``create_block_mask`` + attention, fwd+bwd only),
-``sdpa`` (dense ``[NB, S+NB]`` bool mask, fwd and fwd+bwd). Flex and SDPA get their
-``[Bt, H, L, D]`` layout and the concatenated context+draft keys prepared outside the timed region.
+Providers: ``ours`` (the public op as the drafter's layers call it: ``varprefix_layout`` built
+once per step outside the timed region, validation off, default backward), ``ours-compiled``
+(the same call inside a ``torch.compile``'d function, as a compiled decoder layer runs it),
+``flex`` (compiled ``flex_attention``, BlockMask prebuilt), ``flex+build`` (compiled
+``create_block_mask`` + attention, fwd+bwd only), ``sdpa`` (dense ``[NB, S+NB]`` bool mask, fwd
+and fwd+bwd). Flex and SDPA get their ``[Bt, H, L, D]`` layout and the concatenated context+draft
+keys prepared outside the timed region.
 Anchors: ``sample_anchors`` on an all-ones loss mask. Each round ends with a device synchronize.
 
 Useful FLOPs count visible (query, key) pairs only, ``P = Hq * sum_kept B * (anchor + B)``:
@@ -19,7 +22,8 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from d2kernels.attention import varprefix_attention, varprefix_mask  # noqa: E402
+import d2kernels  # noqa: E402
+from d2kernels.attention import varprefix_attention, varprefix_layout, varprefix_mask  # noqa: E402
 from d2kernels.layout import sample_anchors  # noqa: E402
 
 SHAPES = {  # name: (Bt, S, N, B, Hq, Hkv, D)
@@ -51,6 +55,7 @@ def make_case(name: str, device="cuda", dtype=torch.bfloat16, shapes=SHAPES) -> 
         vf=heads_first(torch.cat([det[2], det[4]], 1)).requires_grad_(),
         dof=heads_first(do),
         pairs=int(((anchors + B) * keep).sum()) * B * Hq,
+        layout=varprefix_layout(anchors, keep, block_size=B, seq_len=S),
     )
     _CASES[key] = case
     return case
@@ -65,9 +70,18 @@ def make_fn(provider: str, case: dict, compile_flex=True):
     """``forward() -> output`` for one provider, plus the tensors its backward differentiates."""
     Bt, S, N, B, Hq, Hkv, D = case["shape"]
     anchors, keep = case["anchors"], case["keep"]
-    if provider == "ours":
-        ins = case["ins"]
-        return (lambda: varprefix_attention(*ins, anchors, keep, block_size=B, backend="triton")), ins, case["do"]
+    if provider in ("ours", "ours-compiled"):
+        ins, lay = case["ins"], case["layout"]
+        op = lambda q, kc, vc, kd, vd, lay: varprefix_attention(q, kc, vc, kd, vd, layout=lay, backend="triton")
+        if provider == "ours-compiled":
+            op = torch.compile(op)
+        with d2kernels.validation("off"):  # as the drafter runs its layers
+            op(*ins, lay)
+
+        def fwd():
+            with d2kernels.validation("off"):
+                return op(*ins, lay)
+        return fwd, ins, case["do"]
     qf, kf, vf, dof = case["qf"], case["kf"], case["vf"], case["dof"]
     if provider in ("flex", "flex+build"):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -119,7 +133,7 @@ def make_target(provider: str, op: str, case: dict, compile_flex=True):
     return setup, target
 
 
-PARAMS = [(s, p, o) for s in SHAPES for p in ("ours", "flex", "flex+build", "sdpa") for o in FLOP_PER_PAIR_PER_D
+PARAMS = [(s, p, o) for s in SHAPES for p in ("ours", "ours-compiled", "flex", "flex+build", "sdpa") for o in FLOP_PER_PAIR_PER_D
           if not (p == "flex+build" and o != "fwd+bwd") and not (p == "sdpa" and o == "bwd")]
 
 

@@ -5,7 +5,7 @@ Public API (see SPEC.md): ``layout`` helpers, ``varprefix_attention``, ``noise_e
 ``VarPrefixAttention``, ``DecayedCrossEntropy``). Imports neither ``transformers`` nor ``d2sd``.
 """
 from . import layout
-from .attention import varprefix_attention
+from .attention import VarPrefixLayout, varprefix_attention, varprefix_layout
 from .cross_entropy import decayed_cross_entropy
 from .embedding import noise_embedding
 from . import modules
@@ -25,6 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "layout",
     "varprefix_attention",
+    "varprefix_layout",
+    "VarPrefixLayout",
     "noise_embedding",
     "decayed_cross_entropy",
     "modules",

@@ -4,8 +4,10 @@
 
 1. Correctness: ours vs the float64 naive reference, forward and all five gradients, next to the
    naive torch computation in the same dtype (SPEC: ours <= 2x that and <= 2e-2; fp32 <= 1e-4).
-2. Timing (``triton.testing.do_bench``, median, random data) at qwen3-4b-b7 / b16: ours, compiled
-   flex_attention (BlockMask prebuilt, and build + attention), SDPA with a dense mask.
+2. Timing (``triton.testing.do_bench``, median, random data; "(sync/round)": a synchronize after
+   each call, as a pytest-benchmark round) at qwen3-4b-b7 / b16: our kernels, the public op as the
+   drafter calls it (layout prebuilt, validation off) eager and inside ``torch.compile``, compiled
+   flex_attention (BlockMask prebuilt, and build + attention); host microseconds per call.
 3. ``--sweep``: tile sizes per kernel (one kernel varied at a time, the others at their defaults).
 
 "plain" = the torch computation run in the inputs' dtype; "upcast" = the naive reference, which
@@ -23,8 +25,9 @@ import time
 import torch
 import triton
 
+import d2kernels
 import d2kernels.attention.triton as tri
-from d2kernels.attention import varprefix_attention, varprefix_attention_naive, varprefix_mask
+from d2kernels.attention import varprefix_attention, varprefix_attention_naive, varprefix_layout, varprefix_mask
 from d2kernels.layout import sample_anchors
 
 SHAPES = {  # name: (Bt, S, N, B, Hq, Hkv, D)
@@ -88,28 +91,35 @@ def plain(q, kc, vc, kd, vd, anchors, keep, block_size):
 
 
 def check(shape, dtype, dummies=False):
+    """Both backwards (atomic default, deterministic) against float64; the deterministic one run twice."""
     ins, anchors, keep, do = inputs(shape, dtype, seed=1, dummies=dummies)
     B = shape[3]
-    got = fwd_bwd(ours, ins, anchors, keep, do, B)
     base = fwd_bwd(naive, ins, anchors, keep, do, B)
     low = fwd_bwd(plain, ins, anchors, keep, do, B)
     r_in = [t.detach().double().requires_grad_() for t in ins]
     ref = fwd_bwd(naive, r_in, anchors, keep, do.double(), B)
-    ok = True
-    cells = []
-    for name, a, n, lo, r in zip(NAMES, got, base, low, ref):
-        e, eb, el = rel(a, r), rel(n, r), rel(lo, r)
-        good = e <= 1e-4 if dtype == torch.float32 else (e <= 2 * el and e <= 2e-2)
-        ok &= good
-        cells.append(f"{name} {e:.2e} (x{e / max(el, 1e-30):.2f} plain, x{e / max(eb, 1e-30):.2f} upcast){'' if good else ' FAIL'}")
-    again = fwd_bwd(ours, ins, anchors, keep, do, B)
-    det = all(torch.equal(x, y) for x, y in zip(got, again))
-    line = f"check {shape} {str(dtype)[6:]} dummies={dummies}: {'OK' if ok and det else 'FAIL'} det={det} | " + "; ".join(cells)
-    log(line)
-    ROWS.append(line)
-    del got, base, low, ref, again
+    ok_all = True
+    for det in (False, True):
+        fn = lambda *a, block_size, det=det: varprefix_attention(*a, block_size=block_size, backend="triton", deterministic=det)
+        got = fwd_bwd(fn, ins, anchors, keep, do, B)
+        ok = True
+        cells = []
+        for name, a, n, lo, r in zip(NAMES, got, base, low, ref):
+            e, eb, el = rel(a, r), rel(n, r), rel(lo, r)
+            good = e <= 1e-4 if dtype == torch.float32 else (e <= 2 * el and e <= 2e-2)
+            ok &= good
+            cells.append(f"{name} {e:.1e} (x{e / max(el, 1e-30):.2f} plain, x{e / max(eb, 1e-30):.2f} upcast){'' if good else ' FAIL'}")
+        repeat = True
+        if det:
+            again = fwd_bwd(fn, ins, anchors, keep, do, B)
+            repeat = all(torch.equal(x, y) for x, y in zip(got, again))
+        line = (f"check {shape} {str(dtype)[6:]} dummies={dummies} {'det' if det else 'atomic'}: "
+                f"{'OK' if ok and repeat else 'FAIL'}{' bitwise-repeat' if det and repeat else ''} | " + "; ".join(cells))
+        log(line)
+        ROWS.append(line)
+        ok_all &= ok and repeat
     torch.cuda.empty_cache()
-    return ok and det
+    return ok_all
 
 
 def bench(fn) -> float:
@@ -132,26 +142,113 @@ def _rower(name, results, anchors, keep, shape):
     return row, gf
 
 
+def sync_median(fn, n=30) -> float:
+    """Median ms of ``fn(); synchronize`` (what a pytest-benchmark round measures: host + device)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return sorted(ts)[n // 2]
+
+
+def compiled_layer(B):
+    """A compiled function calling the op with the step's layout, as a compiled decoder layer does."""
+    return torch.compile(lambda q, kc, vc, kd, vd, lay: varprefix_attention(q, kc, vc, kd, vd, layout=lay, scale=None))
+
+
 def time_ours(name, results):
     Bt, S, N, B, Hq, Hkv, D = shape = SHAPES[name]
     ins, anchors, keep, do = inputs(shape, torch.bfloat16, seed=2)
     row, gf = _rower(name, results, anchors, keep, shape)
     scale = D**-0.5
     det = [t.detach() for t in ins]
+    lay = varprefix_layout(anchors, keep, block_size=B, seq_len=S)
+    sb = (lay.sorted_anchors, lay.perm)
 
-    # ours
-    o, lse = tri.varprefix_attention_fwd(*det, anchors, keep, B, scale)
-    row("ours", "fwd", bench(lambda: tri.varprefix_attention_fwd(*det, anchors, keep, B, scale)))
-    row("ours", "bwd", bench(lambda: tri.varprefix_attention_bwd(do, *det, o, lse, anchors, keep, B, scale)))
-    row("ours", "fwd+bwd", bench(lambda: torch.autograd.grad(ours(*ins, anchors, keep, block_size=B), ins, do)))
+    # the kernels alone (layout prebuilt)
+    o, lse = tri.varprefix_attention_fwd(*det, anchors, keep, B, scale, sorted_blocks=sb)
+    row("ours kernels", "fwd", bench(lambda: tri.varprefix_attention_fwd(*det, anchors, keep, B, scale, sorted_blocks=sb)))
+    for dt in (False, True):
+        row(f"ours kernels{' det' if dt else ''}", "bwd", bench(lambda: tri.varprefix_attention_bwd(
+            do, *det, o, lse, anchors, keep, B, scale, sorted_blocks=sb, deterministic=dt)))
+    # the public op as the drafter calls it: layout prebuilt, validation off
+    with d2kernels.validation("off"):
+        eager_f = lambda: varprefix_attention(*det, layout=lay)
+        eager_fb = lambda: torch.autograd.grad(varprefix_attention(*ins, layout=lay), ins, do)
+        det_fb = lambda: torch.autograd.grad(varprefix_attention(*ins, layout=lay, deterministic=True), ins, do)
+        cl = compiled_layer(B)
+        comp_f = lambda: cl(*det, lay)
+        comp_fb = lambda: torch.autograd.grad(cl(*ins, lay), ins, do)
+        for prov, f, fb in (("ours eager", eager_f, eager_fb), ("ours compiled", comp_f, comp_fb)):
+            try:
+                row(prov, "fwd", bench(f))
+                row(prov, "fwd+bwd", bench(fb))
+                row(prov + " (sync/round)", "fwd", sync_median(f))
+                row(prov + " (sync/round)", "fwd+bwd", sync_median(fb))
+            except Exception as e:  # noqa: BLE001 - report and go on to the other rows
+                log(f"{prov} failed: {type(e).__name__}: {str(e)[:300]}")
+        row("ours eager det", "fwd+bwd", bench(det_fb))
+    log(f"{name}: ours done; anchor sort {bench(lambda: varprefix_layout(anchors, keep, block_size=B, seq_len=S)) * 1e3:.1f} us (layout, once per step)")
 
-    def raw():
-        o, lse = tri.varprefix_attention_fwd(*det, anchors, keep, B, scale)
-        return tri.varprefix_attention_bwd(do, *det, o, lse, anchors, keep, B, scale)
 
-    row("ours-launchers", "fwd+bwd", bench(raw))
-    sort_ms = bench(lambda: tri._sort_blocks(anchors, keep))
-    log(f"{name}: ours done; anchor sort {sort_ms * 1e3:.1f} us")
+def host_cost():
+    """Host microseconds per call (small shape: the GPU keeps up, so the loop measures the host),
+    and whether the drafter's call syncs the device."""
+    shape = (1, 256, 16, 7, 32, 8, 128)
+    ins, anchors, keep, do = inputs(shape, torch.bfloat16, seed=4)
+    det = [t.detach() for t in ins]
+    lay = varprefix_layout(anchors, keep, block_size=7, seq_len=256)
+    cl = compiled_layer(7)
+    out = {}
+    with d2kernels.validation("off"):
+        o, lse = tri.varprefix_attention_fwd(*det, anchors, keep, 7, 128**-0.5, sorted_blocks=lay[2:4])
+        cases = {
+            "empty sync round": lambda: None,
+            "launcher fwd": lambda: tri.varprefix_attention_fwd(*det, anchors, keep, 7, 128**-0.5, sorted_blocks=lay[2:4]),
+            "launcher bwd": lambda: tri.varprefix_attention_bwd(do, *det, o, lse, anchors, keep, 7, 128**-0.5,
+                                                                sorted_blocks=lay[2:4]),
+            "eager fwd": lambda: varprefix_attention(*det, layout=lay),
+            "eager fwd+bwd": lambda: torch.autograd.grad(varprefix_attention(*ins, layout=lay), ins, do),
+            "eager fwd, no layout": lambda: varprefix_attention(*det, anchors, keep, block_size=7),
+            "compiled fwd": lambda: cl(*det, lay),
+            "compiled fwd+bwd": lambda: torch.autograd.grad(cl(*ins, lay), ins, do),
+        }
+        for k, fn in cases.items():
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            n = 300
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            host = (time.perf_counter() - t) / n * 1e6
+            torch.cuda.synchronize()
+            out[k] = host
+            log(f"host {k}: {host:.1f} us per call; {sync_median(fn, 50) * 1e3:.1f} us per synced round")
+        import cProfile
+        import io
+        import pstats
+        for k in ("eager fwd+bwd", "compiled fwd"):
+            pr = cProfile.Profile()
+            pr.runcall(lambda: [cases[k]() for _ in range(200)])
+            buf = io.StringIO()
+            pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(14)
+            log(f"profile {k} (200 calls):\n" + "\n".join(buf.getvalue().splitlines()[6:24]))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cases["eager fwd+bwd"]()
+            cases["compiled fwd+bwd"]()
+            log("host: no device sync in the drafter's eager / compiled calls (sync_debug_mode=error)")
+        except RuntimeError as e:
+            log(f"host: SYNC in the drafter's call: {e}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return out
 
 
 def time_flex(name, results):
@@ -182,29 +279,25 @@ def time_flex(name, results):
     of = fl()
     ref_o = tri.varprefix_attention_fwd(*det, anchors, keep, B, scale)[0]
     log(f"{name}: flex vs ours rel {rel(of.transpose(1, 2), ref_o):.2e}")
+    row("flex (sync/round)", "fwd", sync_median(fl))
+    row("flex (sync/round)", "fwd+bwd", sync_median(lambda: torch.autograd.grad(fl(), (qf, kf, vf), dof)))
     row("flex", "fwd", bench(fl))
     row("flex", "fwd+bwd", bench(lambda: torch.autograd.grad(fl(), (qf, kf, vf), dof)))
     row("flex+build", "fwd+bwd", bench(lambda: torch.autograd.grad(
         flex(qf, kf, vf, block_mask=build(), scale=scale, enable_gqa=True), (qf, kf, vf), dof)))
     log(f"{name}: flex done")
 
-    # SDPA, dense mask
-    try:
-        mask = varprefix_mask(anchors, keep, S, B)[:, None]  # [Bt, 1, NB, S+NB]
-        sd = lambda: torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=scale, enable_gqa=True)
-        row("sdpa", "fwd+bwd", bench(lambda: torch.autograd.grad(sd(), (qf, kf, vf), dof)))
-    except Exception as e:  # noqa: BLE001 - report and go on: a baseline, not ours
-        log(f"sdpa failed: {type(e).__name__}: {e}")
     del qf, kf, vf, bm
     torch.cuda.empty_cache()
 
 
 SWEEP = {  # most promising first: the sweep may be cut short by --sweep-s
-    # first in dkdv / dkdv_draft: the spill-free tiles found by scripts/kernel_regs.py (RESULTS_attention.md)
-    "dkdv": [(32, 128, 8, 3), (64, 64, 8, 3), (64, 128, 8, 3, False, True), (32, 128, 4, 3), (32, 128, 4, 3, False, True), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 2), (32, 64, 4, 4), (64, 128, 8, 3, True)],
-    "fwd": [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 128, 4, 3)],
-    "dq": [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3, True)],
-    "dkdv_draft": [(64, 32, 8, 2, True), (32, 32, 4, 2, True), (64, 32, 4, 2, True), (128, 32, 4, 2, True), (64, 64, 4, 2, True), (64, 32, 4, 2, False)],
+    # deterministic dk/dv: the spill-free tiles found by scripts/kernel_regs.py (RESULTS_attention.md)
+    "dkdv": [(32, 128, 8, 3), (64, 64, 8, 3)],
+    "dkdv_draft": [(64, 32, 8, 2, True)],
+    "dkdv_atomic": [(64, 128, 8, 2), (64, 64, 8, 3), (128, 32, 8, 3), (64, 128, 8, 3), (32, 128, 4, 3)],
+    "dkdv_draft_atomic": [(32, 32, 4, 2), (64, 64, 8, 2)],
+    "dq": [(64, 32, 4, 3)],
 }
 
 
@@ -225,7 +318,8 @@ def sweep(name, out, deadline):
             if kind == "fwd":
                 ms = bench(lambda: tri.varprefix_attention_fwd(*det, anchors, keep, B, scale))
             else:
-                ms = bench(lambda: tri.varprefix_attention_bwd(do, *det, o, lse, anchors, keep, B, scale))
+                ms = bench(lambda: tri.varprefix_attention_bwd(do, *det, o, lse, anchors, keep, B, scale,
+                                                               deterministic="atomic" not in kind))
         except Exception as e:  # noqa: BLE001 - a config may not fit in shared memory
             ms = math.nan
             log(f"  {kind} {c}: {type(e).__name__}: {str(e)[:120]}")
@@ -240,39 +334,51 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep tile sizes per kernel")
     ap.add_argument("--sweep-s", type=float, default=1e9, help="stop the sweep this many seconds after the start")
     ap.add_argument("--skip-check", action="store_true", help="timing only")
+    ap.add_argument("--skip-timing", action="store_true", help="no ours / flex timing (host cost and sweep only)")
+    ap.add_argument("--skip-host", action="store_true", help="no host-cost measurement")
+    ap.add_argument("--small-checks", action="store_true", help="checks at the small odd shapes only (not the b7 one)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json")
     args = ap.parse_args()
     log(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}")
     t0 = time.time()
     ok = True
     if not args.skip_check:
-        ok &= check(SHAPES["qwen3-4b-b7"], torch.bfloat16)
+        if not args.small_checks:
+            ok &= check(SHAPES["qwen3-4b-b7"], torch.bfloat16)
         for shape, dtype, dm in [
-            ((2, 517, 41, 7, 8, 2, 64), torch.bfloat16, True),
-            ((1, 517, 41, 16, 8, 2, 256), torch.bfloat16, True),
-            ((1, 130, 6, 7, 4, 2, 512), torch.bfloat16, True),
+            ((2, 67, 9, 7, 8, 8, 64), torch.bfloat16, True),  # odd S, GQA 1
+            ((1, 517, 41, 16, 8, 2, 256), torch.bfloat16, True),  # GQA 4, head_dim 256
             ((2, 301, 9, 32, 6, 3, 128), torch.bfloat16, True),
-            ((1, 300, 20, 1, 8, 1, 128), torch.float16, True),
             ((2, 517, 41, 7, 8, 2, 128), torch.float32, True),
         ]:
             ok &= check(shape, dtype, dm)
         log(f"checks {'OK' if ok else 'FAILED'} in {time.time() - t0:.0f} s")
     results, sw = [], []
-    for name in SHAPES:
-        time_ours(name, results)
-    for name in SHAPES:
-        time_flex(name, results)
+    if not args.skip_timing:
+        for name in SHAPES:
+            time_ours(name, results)
+        for name in SHAPES:
+            time_flex(name, results)
+    host = {}
+    try:
+        if not args.skip_host:
+            host = host_cost()
+    except Exception as e:  # noqa: BLE001
+        log(f"host_cost failed: {type(e).__name__}: {str(e)[:300]}")
     if args.sweep:
         sweep("qwen3-4b-b7", sw, t0 + args.sweep_s)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(checks=ROWS, timing=results, sweep=sw), f, indent=1)
+        json.dump(dict(checks=ROWS, timing=results, sweep=sw, host_us=host), f, indent=1)
     log("\n| shape | provider | op | ms | useful TFLOP/s |\n|---|---|---|---|---|")
     for r in results:
         log(f"| {r['shape']} | {r['provider']} | {r['op']} | {r['ms']:.3f} | {r['tflops']:.0f} |")
     for name in SHAPES:
         get = {(r["provider"], r["op"]): r["ms"] for r in results if r["shape"] == name}
-        if ("flex", "fwd+bwd") in get:
-            log(f"{name}: flex/ours fwd+bwd = {get['flex', 'fwd+bwd'] / get['ours', 'fwd+bwd']:.2f}x")
+        for op in ("fwd", "fwd+bwd"):
+            for mode in ("", " (sync/round)"):
+                f, e, c = get.get((f"flex{mode}", op)), get.get((f"ours eager{mode}", op)), get.get((f"ours compiled{mode}", op))
+                if f and e and c:
+                    log(f"{name} {op}{mode}: flex/ours eager {f / e:.2f}x, flex/ours compiled {f / c:.2f}x")
     log(f"total {time.time() - t0:.0f} s; checks {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
 

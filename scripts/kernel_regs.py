@@ -107,7 +107,9 @@ def ops(names):
             kd, vd = (torch.zeros(Bt, N * B, Hkv, D, dtype=bf, requires_grad=True) for _ in range(2))
             from d2kernels.attention import triton as attn_triton
             o, lse = attn_triton.varprefix_attention_fwd(q, kc, vc, kd, vd, anchors, keep, B, D**-0.5)
-            attn_triton.varprefix_attention_bwd(torch.zeros_like(o), q, kc, vc, kd, vd, o, lse, anchors, keep, B, D**-0.5)
+            for det in (True, False):
+                attn_triton.varprefix_attention_bwd(torch.zeros_like(o), q, kc, vc, kd, vd, o, lse, anchors, keep,
+                                                    B, D**-0.5, deterministic=det)
         out["attn"] = attn
     if "ce" in names:
         def ce():

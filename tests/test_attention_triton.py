@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import d2kernels.attention.triton as tri
-from d2kernels.attention import varprefix_attention, varprefix_attention_naive, varprefix_mask
+from d2kernels.attention import varprefix_attention, varprefix_attention_naive, varprefix_layout, varprefix_mask
 from d2kernels.layout import sample_anchors
 from tests.utils import rel_err
 
@@ -58,6 +58,19 @@ def triton_fn(*a, **k):
     return varprefix_attention(*a, **k, backend="triton")
 
 
+def atomic_fn(*a, **k):
+    return varprefix_attention(*a, **k, backend="triton", deterministic=False)
+
+
+def layout_fn(q, kc, vc, kd, vd, anchors, keep, block_size):
+    """The drafter's way: a layout built once, the op called without anchors."""
+    lay = varprefix_layout(anchors, keep, block_size=block_size, seq_len=kc.shape[1])
+    return varprefix_attention(q, kc, vc, kd, vd, layout=lay, backend="triton")
+
+
+PATHS = {"deterministic": triton_fn, "atomic": atomic_fn, "layout": layout_fn}
+
+
 def naive_fn(*a, block_size):
     return varprefix_attention_naive(*a, block_size, a[0].shape[-1] ** -0.5)
 
@@ -79,10 +92,10 @@ def check(outs, refs, dtype, baseline=None):
             assert err <= max(2 * base, 1e-3) and err <= 2e-2, f"{name}: rel err {err:.3g}, naive {base:.3g}"
 
 
-def compare(case, dtype, seed=0, keep_frac=0.75):
+def compare(case, dtype, seed=0, keep_frac=0.75, fn=triton_fn):
     ins, anchors, keep, do = make_inputs(case, dtype, seed, keep_frac)
     B = case[3]
-    outs = run(triton_fn, ins, anchors, keep, do, B)
+    outs = run(fn, ins, anchors, keep, do, B)
     refs = reference(ins, anchors, keep, do, B)
     baseline = None if dtype == torch.float32 else run(naive_fn, ins, anchors, keep, do, B)
     check(outs, refs, dtype, baseline)
@@ -102,11 +115,12 @@ CPU_CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", ["atomic", "deterministic"])
 @pytest.mark.parametrize("case,dtype", CPU_CASES, ids=[f"{case_id(c)}-{str(d)[6:]}" for c, d in CPU_CASES])
-def test_matches_reference_small_tiles(monkeypatch, case, dtype):
+def test_matches_reference_small_tiles(monkeypatch, case, dtype, path):
     # 16x16 tiles: many unmasked context tiles, boundary tiles, and blocks straddling query tiles.
     force_tiles(monkeypatch, lambda *a: SMALL)
-    compare(case, dtype)
+    compare(case, dtype, fn=PATHS[path])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -116,9 +130,10 @@ def test_split_ds_and_presort_variants(monkeypatch, dtype):
     compare((2, 37, 4, 5, 4, 2, 16), dtype, seed=2)
 
 
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("case,dtype", CPU_CASES[:1] + CPU_CASES[4:5], ids=lambda x: case_id(x) if isinstance(x, tuple) else str(x)[6:])
-def test_matches_reference_default_tiles(case, dtype):
-    compare(case, dtype, seed=1)
+def test_matches_reference_default_tiles(case, dtype, path):
+    compare(case, dtype, seed=1, fn=PATHS[path])
 
 
 @pytest.mark.parametrize("bucket", sorted(tri.TILE_TABLES))
@@ -129,7 +144,8 @@ def test_every_tile_table(monkeypatch, bucket):
         assert t.block_m >= 16 and t.block_n >= 16
         assert t.block_m & (t.block_m - 1) == 0 and t.block_n & (t.block_n - 1) == 0
     force_tiles(monkeypatch, lambda kind, D, B, G, dtype: tri.fit_group(tri.TILE_TABLES[bucket][kind], G))
-    compare((1, 37, 3, 5, 8, 1, 16), torch.float32, seed=bucket)
+    for fn in (triton_fn, atomic_fn):
+        compare((1, 37, 3, 5, 8, 1, 16), torch.float32, seed=bucket, fn=fn)
 
 
 def test_pick_tiles_buckets():
@@ -216,9 +232,69 @@ def test_autograd_through_public_op():
     o = varprefix_attention(*ins, anchors, keep, block_size=3, backend="triton")
     o2, lse = tri.varprefix_attention_fwd(*[t.detach() for t in ins], anchors, keep, 3, 16**-0.5)
     assert torch.equal(o.detach(), o2)
-    g = torch.autograd.grad(o, ins, do)
-    g2 = tri.varprefix_attention_bwd(do, *[t.detach() for t in ins], o2, lse, anchors, keep, 3, 16**-0.5)
-    assert all(torch.equal(a, b) for a, b in zip(g, g2))
+    for det in (False, True):
+        o = varprefix_attention(*ins, anchors, keep, block_size=3, backend="triton", deterministic=det)
+        g = torch.autograd.grad(o, ins, do)
+        g2 = tri.varprefix_attention_bwd(do, *[t.detach() for t in ins], o2, lse, anchors, keep, 3, 16**-0.5,
+                                         deterministic=det)
+        assert all(torch.equal(a, b) for a, b in zip(g, g2))
+
+
+def test_layout():
+    """A layout gives the op's exact results, carries the sort, and checks the anchors once."""
+    case = (2, 31, 4, 3, 4, 2, 16)
+    ins, anchors, keep, do = make_inputs(case, torch.float32, seed=14)
+    lay = varprefix_layout(anchors, keep, block_size=3, seq_len=31)
+    ref, idx = torch.sort(torch.where(keep, anchors, -1), dim=1, stable=True)
+    assert torch.equal(lay.sorted_anchors.long(), ref) and torch.equal(lay.perm.long(), idx)
+    a = run(triton_fn, ins, anchors, keep, do, 3)
+    b = run(layout_fn, ins, anchors, keep, do, 3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="anchors out of range"):
+        varprefix_layout(anchors, keep, block_size=3, seq_len=int(anchors.max()))
+    with pytest.raises(ValueError, match="differs from the layout"):
+        varprefix_attention(*ins, layout=lay, block_size=4)
+    with pytest.raises(TypeError, match="or a layout"):
+        varprefix_attention(*ins, anchors, keep)
+
+
+def test_compiled_layer_one_graph_no_recompile():
+    """A layer calling the op with the step's layout compiles to one graph, no break, and a new
+    context length S (dynamic shapes) does not recompile; the layout may also be built inside."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cnt = CompileCounterWithBackend("aot_eager")
+    Hq, Hkv, D, B, N = 4, 2, 16, 3, 3
+
+    @torch.compile(backend=cnt, dynamic=True, fullgraph=True)
+    def layer(x, ctx, lay):  # x [1, NB, D], ctx [1, S, D]
+        q = (x * 2.0).unsqueeze(2).expand(-1, -1, Hq, -1)
+        k = torch.cat([ctx, x], 1).unsqueeze(2).expand(-1, -1, Hkv, -1)
+        S = ctx.shape[1]
+        o = varprefix_attention(q, k[:, :S], k[:, :S] + 1, k[:, S:], k[:, S:] - 1, layout=lay, backend="triton")
+        return o.sum(2)
+
+    for S in (19, 23, 29):
+        g = torch.Generator().manual_seed(S)
+        x = torch.randn(1, N * B, D, generator=g).to(DEV).requires_grad_()
+        ctx = torch.randn(1, S, D, generator=g).to(DEV).requires_grad_()
+        anchors, keep = sample_anchors(torch.ones(1, S, dtype=torch.long), N, generator=g)
+        lay = varprefix_layout(anchors.to(DEV), keep.to(DEV), block_size=B, seq_len=S)
+        out = layer(x, ctx, lay)
+        out.sum().backward()
+        assert torch.isfinite(x.grad).all() and torch.isfinite(ctx.grad).all()
+    assert cnt.frame_count == 1, f"{cnt.frame_count} compiles"
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def built_inside(q, kc, vc, kd, vd, anchors, keep):
+        lay = varprefix_layout(anchors, keep, block_size=3, seq_len=kc.shape[1])
+        return varprefix_attention(q, kc, vc, kd, vd, layout=lay, backend="triton")
+
+    ins, anchors, keep, _ = make_inputs((1, 20, 2, 3, 2, 1, 16), torch.float32, seed=15)
+    assert torch.equal(built_inside(*ins, anchors, keep), triton_fn(*ins, anchors, keep, block_size=3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,10 +310,24 @@ GPU_CASES = [
 
 
 @gpu
+@pytest.mark.parametrize("path", ["atomic", "deterministic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", GPU_CASES, ids=case_id)
-def test_gpu_accuracy(case, dtype):
-    compare(case, dtype, seed=11)
+def test_gpu_accuracy(case, dtype, path):
+    compare(case, dtype, seed=11, fn=PATHS[path])
+
+
+@gpu
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", [
+    (2, 67, 9, 7, 8, 8, 64),  # odd S, GQA 1
+    (1, 67, 9, 7, 8, 4, 128),  # GQA 2
+    (2, 67, 9, 7, 8, 2, 256),  # GQA 4, head_dim 256
+    (1, 67, 5, 16, 4, 1, 128),  # a block longer than a third of the context
+], ids=case_id)
+def test_gpu_hostile_bf16(case, path):
+    """Odd context length, dummies, an anchor-0 block, GQA 1/2/4, head_dim 64/128/256."""
+    compare(case, torch.bfloat16, seed=16, fn=PATHS[path])
 
 
 @gpu
@@ -253,10 +343,13 @@ def test_gpu_shapes_bf16(case):
 
 @gpu
 def test_gpu_deterministic():
+    """The default (deterministic) backward is bitwise repeatable; the atomic one in all but dq."""
     ins, anchors, keep, do = make_inputs((1, 700, 64, 7, 8, 2, 128), torch.bfloat16, seed=13)
     a = run(triton_fn, ins, anchors, keep, do, 7)
     b = run(triton_fn, ins, anchors, keep, do, 7)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+    c, d = (run(atomic_fn, ins, anchors, keep, do, 7) for _ in range(2))
+    assert all(torch.equal(x, y) for i, (x, y) in enumerate(zip(c, d)) if NAMES[i] != "dq")
 
 
 @pytest.mark.parametrize(

@@ -7,18 +7,22 @@ boundary. A query tile packs the ``G = Hq // Hkv`` heads of one GQA group over c
 slots: row ``r`` is (sorted slot ``t0 + r // G``, head ``hkv * G + r % G``), so every K/V tile is
 loaded once per group. The own-block (draft) keys of a tile are one short extra loop.
 
-Backward (no atomics, deterministic):
+Backward, ``deterministic=True`` (the default; no atomics, bitwise repeatable), two launches:
 - ``dq`` kernel: per query tile, like the forward; it also writes ``delta = rowsum(o * do)``.
-- context ``dk/dv`` kernel: per context key tile ``[j0, j0 + BLOCK_N)``, over exactly the sorted
-  blocks whose anchor is ``> j0`` (a suffix in sorted order, found by binary search), masked only
-  for the blocks whose anchor falls inside the tile.
-- draft ``dk/dv`` kernel: per tile of sorted draft slots, over the queries of the same blocks.
+- ``dk/dv`` kernel, two tile roles in one launch: context key tiles ``[j0, j0 + BLOCK_N)``, over
+  exactly the sorted blocks whose anchor is ``> j0`` (a suffix in sorted order, found by binary
+  search), masked only for the blocks whose anchor falls inside the tile; then draft key tiles
+  (sorted draft slots), over the queries of the same blocks.
+``deterministic=False`` (FlashAttention-2): a first pass writes ``delta`` and zeroes an fp32 ``dq``;
+the same ``dk/dv`` kernel adds each tile pair's ``dq`` share atomically (5 matmuls per pair
+instead of 7). On an H200 its atomics cost more than the two matmuls saved.
 
 Softmax runs in base 2 (``qk_scale = scale * log2(e)``); ``lse`` is stored in natural log,
 ``-inf`` for dummy rows (no visible key). fp32 inputs use IEEE fp32 dots (no tf32).
 
-Tile sizes come from ``pick_tiles`` (tests monkeypatch it); ``Tiles.split_ds`` (on for the draft
-dk/dv kernel) and ``Tiles.presort`` (off: measured no faster) are per-kernel options.
+Tile sizes come from ``pick_tiles`` (tests monkeypatch it); ``Tiles.split_ds`` (ds as hi + lo
+halves) and ``Tiles.presort`` (off: measured no faster) are per-kernel options. The sort itself
+usually comes from the caller (``sorted_blocks``, a ``VarPrefixLayout``'s tensors).
 """
 from __future__ import annotations
 
@@ -50,15 +54,20 @@ class Tiles:
 # benchmarks/RESULTS_attention.md); the others are sized to fit and were checked for correctness.
 TILE_TABLES = {
     64: {"fwd": Tiles(128, 64, 4, 3), "dq": Tiles(128, 64, 4, 3),
-         "dkdv": Tiles(64, 128, 8, 3), "dkdv_draft": Tiles(64, 32, 4, 2, True)},
+         "dkdv": Tiles(64, 128, 8, 3), "dkdv_draft": Tiles(64, 32, 4, 2, True),
+         "dkdv_atomic": Tiles(32, 128, 8, 3), "dkdv_draft_atomic": Tiles(64, 32, 8, 2)},
     128: {"fwd": Tiles(128, 64, 8, 3), "dq": Tiles(128, 64, 8, 3),
-          "dkdv": Tiles(64, 128, 8, 3), "dkdv_draft": Tiles(64, 32, 4, 2, True)},
+          "dkdv": Tiles(32, 128, 8, 3), "dkdv_draft": Tiles(64, 32, 8, 2),
+          "dkdv_atomic": Tiles(64, 128, 8, 2), "dkdv_draft_atomic": Tiles(64, 32, 8, 2)},
     256: {"fwd": Tiles(64, 64, 4, 2), "dq": Tiles(64, 32, 4, 2),
-          "dkdv": Tiles(32, 64, 4, 2), "dkdv_draft": Tiles(32, 32, 4, 1, True)},
+          "dkdv": Tiles(32, 64, 4, 2), "dkdv_draft": Tiles(32, 32, 4, 1, True),
+          "dkdv_atomic": Tiles(32, 64, 8, 2), "dkdv_draft_atomic": Tiles(32, 32, 4, 1)},
     512: {"fwd": Tiles(32, 32, 4, 1), "dq": Tiles(32, 16, 4, 1),
-          "dkdv": Tiles(16, 32, 8, 1), "dkdv_draft": Tiles(16, 16, 4, 1, True)},
+          "dkdv": Tiles(16, 32, 8, 1), "dkdv_draft": Tiles(16, 16, 4, 1, True),
+          "dkdv_atomic": Tiles(16, 32, 8, 1), "dkdv_draft_atomic": Tiles(16, 16, 4, 1)},
     1024: {"fwd": Tiles(16, 16, 4, 1), "dq": Tiles(16, 16, 4, 1),
-           "dkdv": Tiles(16, 16, 8, 1), "dkdv_draft": Tiles(16, 16, 4, 1, True)},
+           "dkdv": Tiles(16, 16, 8, 1), "dkdv_draft": Tiles(16, 16, 4, 1, True),
+           "dkdv_atomic": Tiles(16, 16, 8, 1), "dkdv_draft_atomic": Tiles(16, 16, 4, 1)},
 }
 
 
@@ -68,12 +77,13 @@ def fit_group(t: Tiles, G: int) -> Tiles:
 
 
 def pick_tiles(kind: str, D: int, B: int, G: int, dtype: torch.dtype) -> Tiles:
-    """Tile sizes of kernel ``kind`` in ("fwd", "dq", "dkdv", "dkdv_draft") for head_dim ``D``."""
+    """Tile sizes of kernel ``kind`` in ("fwd", "dq", "dkdv", "dkdv_draft", "dkdv_atomic",
+    "dkdv_draft_atomic") for head_dim ``D``."""
     bucket = next((k for k in TILE_TABLES if D <= k), 1024)
     if dtype == torch.float32 and bucket > 128:
         bucket = min(2 * bucket, 1024)
     t = TILE_TABLES[bucket][kind]
-    if dtype == torch.float32 and bucket == 128 and kind in ("dq", "dkdv"):
+    if dtype == torch.float32 and bucket == 128 and kind in ("dq", "dkdv", "dkdv_atomic"):
         t = Tiles(t.block_m, t.block_n, t.num_warps, 2, t.split_ds, t.presort)  # fp32: fewer stages fit
     return fit_group(t, G)
 
@@ -329,13 +339,15 @@ def _varprefix_bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, kn, sbk, Q, DO, LSE, DELTA, SANC, PERM, b, hkv, t0,
+def _dkdv_step(dk, dv, k, v, kn, sbk, Q, DO, LSE, DELTA, SANC, PERM, DQ, b, hkv, t0,
                stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
-               N, NB, HKV, qk_scale, t_end, m_d,
+               stride_dqb, stride_dqt, stride_dqh,
+               N, NB, HKV, scale, qk_scale, t_end, m_d,
                G: tl.constexpr, BLK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, MODE: tl.constexpr, SPLIT: tl.constexpr,
-               DOT_PREC: tl.constexpr, SORTED: tl.constexpr = False):
-    """One query tile's share of ``dk, dv [BLOCK_N, BLOCK_D]``.
+               DOT_PREC: tl.constexpr, SORTED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """One query tile's share of ``dk, dv [BLOCK_N, BLOCK_D]``; ATOMIC_DQ also adds its share of
+    ``dq`` into the fp32 buffer ``DQ`` (the 5th matmul of a FlashAttention-2 backward).
 
     MODE 0: context keys fully visible; 1: context keys, visible iff ``kn < anchor``;
     2: draft keys, visible iff same sorted block ``sbk``.
@@ -360,25 +372,30 @@ def _dkdv_step(dk, dv, k, v, kn, sbk, Q, DO, LSE, DELTA, SANC, PERM, b, hkv, t0,
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
     ds_t = p_t * (dp_t - delta[None, :])
     dk += _dot_split(ds_t, q, SPLIT, DOT_PREC)
+    if ATOMIC_DQ:
+        dq = _dot_split(tl.trans(ds_t), k, SPLIT, DOT_PREC) * scale  # [BLOCK_M, BLOCK_D]
+        p_dq = DQ + b * stride_dqb + slot[:, None] * stride_dqt + hq[:, None] * stride_dqh + o_d[None, :]
+        tl.atomic_add(p_dq, dq, mask=valid[:, None] & m_d[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _varprefix_bwd_dkdv_ctx_kernel(
-    Q, KC, VC, DO, LSE, DELTA, DK, DV, SANC, PERM,
+def _dkdv_ctx_tile(
+    Q, KC, VC, DO, LSE, DELTA, DK, DV, SANC, PERM, DQ,
     stride_qb, stride_qt, stride_qh,
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
     stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    S, N, NB, HKV, scale, qk_scale,
+    stride_dqb, stride_dqt, stride_dqh,
+    S, N, NB, HKV, scale, qk_scale, pid_bh, tile,
     G: tl.constexpr, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, SORTED: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, SORTED: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    j0 = tl.program_id(1) * BLOCK_N  # early key tiles are seen by most blocks: launched first
+    """``dk, dv`` of context keys ``[tile * BLOCK_N, +BLOCK_N)`` (and their dq share if ATOMIC_DQ)."""
+    j0 = tile * BLOCK_N  # early key tiles are seen by most blocks: launched first
     b = (pid_bh // HKV).to(tl.int64)
     hkv = pid_bh % HKV
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
@@ -399,15 +416,15 @@ def _varprefix_bwd_dkdv_ctx_kernel(
     t_full = _count_le(SANC + b * N, N, j0 + BLOCK_N - 1) * BLK
     t_mid = t_lo + (t_full - t_lo + SLOTS - 1) // SLOTS * SLOTS
     for t0 in range(t_lo, t_mid, SLOTS):
-        dk, dv = _dkdv_step(dk, dv, k, v, kn, kn, Q, DO, LSE, DELTA, SANC, PERM, b, hkv, t0,
+        dk, dv = _dkdv_step(dk, dv, k, v, kn, kn, Q, DO, LSE, DELTA, SANC, PERM, DQ, b, hkv, t0,
                             stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
-                            N, NB, HKV, qk_scale, NB, m_d,
-                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 1, SPLIT, DOT_PREC, SORTED)
+                            stride_dqb, stride_dqt, stride_dqh, N, NB, HKV, scale, qk_scale, NB, m_d,
+                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 1, SPLIT, DOT_PREC, SORTED, ATOMIC_DQ)
     for t0 in range(t_mid, NB, SLOTS):
-        dk, dv = _dkdv_step(dk, dv, k, v, kn, kn, Q, DO, LSE, DELTA, SANC, PERM, b, hkv, t0,
+        dk, dv = _dkdv_step(dk, dv, k, v, kn, kn, Q, DO, LSE, DELTA, SANC, PERM, DQ, b, hkv, t0,
                             stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
-                            N, NB, HKV, qk_scale, NB, m_d,
-                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 0, SPLIT, DOT_PREC, SORTED)
+                            stride_dqb, stride_dqt, stride_dqh, N, NB, HKV, scale, qk_scale, NB, m_d,
+                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 0, SPLIT, DOT_PREC, SORTED, ATOMIC_DQ)
 
     m_st = m_k[:, None] & m_d[None, :]
     tl.store(DK + b * stride_dkb + hkv * stride_dkh + kn[:, None] * stride_dks + o_d[None, :],
@@ -417,21 +434,22 @@ def _varprefix_bwd_dkdv_ctx_kernel(
 
 
 @triton.jit
-def _varprefix_bwd_dkdv_draft_kernel(
-    Q, KD, VD, DO, LSE, DELTA, DK, DV, SANC, PERM,
+def _dkdv_draft_tile(
+    Q, KD, VD, DO, LSE, DELTA, DK, DV, SANC, PERM, DQ,
     stride_qb, stride_qt, stride_qh,
     stride_kdb, stride_kdt, stride_kdh,
     stride_vdb, stride_vdt, stride_vdh,
     stride_dob, stride_dot, stride_doh,
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
-    N, NB, HKV, scale, qk_scale,
+    stride_dqb, stride_dqt, stride_dqh,
+    N, NB, HKV, scale, qk_scale, pid_bh, tile,
     G: tl.constexpr, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    j0 = tl.program_id(1) * BLOCK_N  # first sorted draft slot of this key tile
+    """``dk, dv`` of draft keys at sorted slots ``[tile * BLOCK_N, +BLOCK_N)`` (and their dq share)."""
+    j0 = tile * BLOCK_N  # first sorted draft slot of this key tile
     b = (pid_bh // HKV).to(tl.int64)
     hkv = pid_bh % HKV
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
@@ -447,16 +465,81 @@ def _varprefix_bwd_dkdv_draft_kernel(
     # Only the queries of the same blocks see these keys.
     q_lo, q_hi = _block_span(j0, BLOCK_N, NB, BLK)
     for t0 in range(q_lo, q_hi, SLOTS):
-        dk, dv = _dkdv_step(dk, dv, k, v, tk, sbk, Q, DO, LSE, DELTA, SANC, PERM, b, hkv, t0,
+        dk, dv = _dkdv_step(dk, dv, k, v, tk, sbk, Q, DO, LSE, DELTA, SANC, PERM, DQ, b, hkv, t0,
                             stride_qb, stride_qt, stride_qh, stride_dob, stride_dot, stride_doh,
-                            N, NB, HKV, qk_scale, q_hi, m_d,
-                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 2, SPLIT, DOT_PREC)
+                            stride_dqb, stride_dqt, stride_dqh, N, NB, HKV, scale, qk_scale, q_hi, m_d,
+                            G, BLK, SLOTS, BLOCK_M, BLOCK_D, EVEN_D, 2, SPLIT, DOT_PREC, False, ATOMIC_DQ)
 
     m_st = m_k[:, None] & m_d[None, :]
     tl.store(DK + b * stride_dkb + hkv * stride_dkh + slot_k[:, None] * stride_dkt + o_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=m_st)
     tl.store(DV + b * stride_dvb + hkv * stride_dvh + slot_k[:, None] * stride_dvt + o_d[None, :],
              dv.to(DV.dtype.element_ty), mask=m_st)
+
+
+@triton.jit
+def _varprefix_bwd_dkdv_kernel(
+    Q, KC, VC, KD, VD, DO, LSE, DELTA, DKC, DVC, DKD, DVD, SANC, PERM, DQ,
+    stride_qb, stride_qt, stride_qh,
+    stride_kcb, stride_kcs, stride_kch,
+    stride_vcb, stride_vcs, stride_vch,
+    stride_kdb, stride_kdt, stride_kdh,
+    stride_vdb, stride_vdt, stride_vdh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkcb, stride_dkcs, stride_dkch,
+    stride_dvcb, stride_dvcs, stride_dvch,
+    stride_dkdb, stride_dkdt, stride_dkdh,
+    stride_dvdb, stride_dvdt, stride_dvdh,
+    stride_dqb, stride_dqt, stride_dqh,
+    S, N, NB, HKV, scale, qk_scale, CTX_TILES,
+    G: tl.constexpr, BLK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr, SORTED: tl.constexpr,
+    SLOTS_C: tl.constexpr, BLOCK_MC: tl.constexpr, BLOCK_NC: tl.constexpr, SPLIT_C: tl.constexpr,
+    SLOTS_D: tl.constexpr, BLOCK_MD: tl.constexpr, BLOCK_ND: tl.constexpr, SPLIT_D: tl.constexpr,
+):
+    """Context key tiles (programs ``< CTX_TILES``, heaviest first), then draft key tiles: one
+    launch for every dk/dv (the host cost of a launch is tens of microseconds)."""
+    pid_bh = tl.program_id(0)
+    tile = tl.program_id(1)
+    if tile < CTX_TILES:
+        _dkdv_ctx_tile(Q, KC, VC, DO, LSE, DELTA, DKC, DVC, SANC, PERM, DQ,
+                       stride_qb, stride_qt, stride_qh, stride_kcb, stride_kcs, stride_kch,
+                       stride_vcb, stride_vcs, stride_vch, stride_dob, stride_dot, stride_doh,
+                       stride_dkcb, stride_dkcs, stride_dkch, stride_dvcb, stride_dvcs, stride_dvch,
+                       stride_dqb, stride_dqt, stride_dqh, S, N, NB, HKV, scale, qk_scale, pid_bh, tile,
+                       G, BLK, HEAD_DIM, SLOTS_C, BLOCK_MC, BLOCK_NC, BLOCK_D, SPLIT_C, DOT_PREC, SORTED, ATOMIC_DQ)
+    else:
+        _dkdv_draft_tile(Q, KD, VD, DO, LSE, DELTA, DKD, DVD, SANC, PERM, DQ,
+                         stride_qb, stride_qt, stride_qh, stride_kdb, stride_kdt, stride_kdh,
+                         stride_vdb, stride_vdt, stride_vdh, stride_dob, stride_dot, stride_doh,
+                         stride_dkdb, stride_dkdt, stride_dkdh, stride_dvdb, stride_dvdt, stride_dvdh,
+                         stride_dqb, stride_dqt, stride_dqh, N, NB, HKV, scale, qk_scale, pid_bh, tile - CTX_TILES,
+                         G, BLK, HEAD_DIM, SLOTS_D, BLOCK_MD, BLOCK_ND, BLOCK_D, SPLIT_D, DOT_PREC, ATOMIC_DQ)
+
+
+@triton.jit
+def _varprefix_bwd_prep_kernel(
+    O, DO, DELTA, DQ,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    NB, HQ, ROWS,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Atomic backward's first pass over rows (b, slot, head): ``delta = rowsum(o * do)`` and the
+    fp32 ``dq`` accumulator zeroed."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] row = (b * NB + slot) * HQ + h
+    m_r = r < ROWS
+    b = (r // (NB * HQ)).to(tl.int64)
+    t = (r // HQ) % NB
+    h = r % HQ
+    o_d = tl.arange(0, BLOCK_D)
+    m = m_r[:, None] & (o_d < HEAD_DIM)[None, :]
+    o = tl.load(O + (b * stride_ob + t * stride_ot + h * stride_oh)[:, None] + o_d[None, :], mask=m, other=0.0)
+    do = tl.load(DO + (b * stride_dob + t * stride_dot + h * stride_doh)[:, None] + o_d[None, :], mask=m, other=0.0)
+    tl.store(DELTA + (b * HQ + h) * NB + t, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=m_r)
+    tl.store(DQ + (b * stride_dqb + t * stride_dqt + h * stride_dqh)[:, None] + o_d[None, :],
+             tl.zeros([BLOCK_R, BLOCK_D], tl.float32), mask=m)
 
 
 @triton.jit
@@ -522,15 +605,36 @@ def _s(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def varprefix_attention_fwd(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, block_size: int, scale: float):
-    """``o [Bt, NB, Hq, D]`` (q.dtype) and ``lse [Bt, Hq, NB]`` float32 (natural log, -inf on dummies)."""
+def _launch_dkdv(q, k_ctx, v_ctx, k_draft, v_draft, do, lse, delta, dk_ctx, dv_ctx, dk_draft, dv_draft,
+                 sanc, perm, dq_acc, S, N, NB, Hkv, scale, qk_scale, common, deterministic, split_ok,
+                 cfg, cfg_d, ctx_tiles, tiles, sorted_q):
+    """Programs ``[0, ctx_tiles)`` do context key tiles, ``[ctx_tiles, tiles)`` draft key tiles."""
+    G = common["G"]
+    _varprefix_bwd_dkdv_kernel[(q.shape[0] * Hkv, tiles)](
+        q, k_ctx, v_ctx, k_draft, v_draft, do, lse, delta, dk_ctx, dv_ctx, dk_draft, dv_draft, sanc, perm, dq_acc,
+        *_s(q), *_s(k_ctx), *_s(v_ctx), *_s(k_draft), *_s(v_draft), *_s(do),
+        *_s(dk_ctx), *_s(dv_ctx), *_s(dk_draft), *_s(dv_draft), *_s(dq_acc),
+        S, N, NB, Hkv, float(scale), qk_scale, ctx_tiles,
+        ATOMIC_DQ=not deterministic, SORTED=sorted_q, **common,
+        SLOTS_C=cfg.block_m // G, BLOCK_MC=cfg.block_m, BLOCK_NC=cfg.block_n, SPLIT_C=cfg.split_ds and split_ok,
+        SLOTS_D=cfg_d.block_m // G, BLOCK_MD=cfg_d.block_m, BLOCK_ND=cfg_d.block_n,
+        SPLIT_D=cfg_d.split_ds and split_ok,
+        num_warps=max(cfg.num_warps, cfg_d.num_warps), num_stages=cfg.num_stages,
+    )
+
+
+def varprefix_attention_fwd(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, block_size: int, scale: float,
+                            sorted_blocks=None):
+    """``o [Bt, NB, Hq, D]`` (q.dtype) and ``lse [Bt, Hq, NB]`` float32 (natural log, -inf on dummies).
+
+    ``sorted_blocks``: ``(sanc, perm)`` of ``_sort_blocks(anchors, keep)`` when the caller has them."""
     q, k_ctx, v_ctx, k_draft, v_draft = map(_rows_contig, (q, k_ctx, v_ctx, k_draft, v_draft))
     Bt, NB, Hq, D, S, Hkv, G, N, block_d, prec = _common(q, k_ctx, anchors, block_size)
     o = _empty((Bt, NB, Hq, D), q.dtype, q.device)
     lse = _empty((Bt, Hq, NB), torch.float32, q.device)
     if o.numel() == 0:
         return o, lse
-    sanc, perm = _sort_blocks(anchors, keep)
+    sanc, perm = sorted_blocks if sorted_blocks is not None else _sort_blocks(anchors, keep)
     cfg = pick_tiles("fwd", D, block_size, G, q.dtype)
     slots = cfg.block_m // G
     grid = (Bt * Hkv, triton.cdiv(NB, slots))
@@ -546,58 +650,69 @@ def varprefix_attention_fwd(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, bl
 
 
 def varprefix_attention_bwd(do, q, k_ctx, v_ctx, k_draft, v_draft, o, lse, anchors, keep,
-                            block_size: int, scale: float):
-    """``(dq, dk_ctx, dv_ctx, dk_draft, dv_draft)``, each shaped and typed like its input."""
+                            block_size: int, scale: float, sorted_blocks=None, deterministic: bool = True):
+    """``(dq, dk_ctx, dv_ctx, dk_draft, dv_draft)``, each shaped and typed like its input.
+
+    ``deterministic``: dq by its own kernel per query tile (bitwise repeatable, 7 matmuls per tile
+    pair); else FlashAttention-2's way, dq added atomically in fp32 by the dk/dv kernels (5)."""
     do, q, k_ctx, v_ctx, k_draft, v_draft, o = map(_rows_contig, (do, q, k_ctx, v_ctx, k_draft, v_draft, o))
     lse = lse.contiguous()
     Bt, NB, Hq, D, S, Hkv, G, N, block_d, prec = _common(q, k_ctx, anchors, block_size)
     dev = q.device
-    dq = _empty(q.shape, q.dtype, dev)
+    # The atomic dq accumulates in fp32: the output itself for fp32 inputs, a buffer otherwise.
+    acc_dq = not deterministic and q.dtype != torch.float32
+    dq = _empty(q.shape, torch.float32 if acc_dq else q.dtype, dev)
     dk_ctx = _empty(k_ctx.shape, k_ctx.dtype, dev)
     dv_ctx = _empty(v_ctx.shape, v_ctx.dtype, dev)
     dk_draft = _empty(k_draft.shape, k_draft.dtype, dev)
     dv_draft = _empty(v_draft.shape, v_draft.dtype, dev)
     if q.numel() == 0 or k_ctx.numel() == 0:
-        return tuple(t.zero_() for t in (dq, dk_ctx, dv_ctx, dk_draft, dv_draft))
-    sanc, perm = _sort_blocks(anchors, keep)
+        return tuple(t.zero_() for t in (dq.to(q.dtype), dk_ctx, dv_ctx, dk_draft, dv_draft))
+    sanc, perm = sorted_blocks if sorted_blocks is not None else _sort_blocks(anchors, keep)
     delta = _empty((Bt, Hq, NB), torch.float32, dev)
     qk_scale = float(scale) * LOG2E
     split_ok = q.dtype != torch.float32  # fp32 operands are never rounded
     common = dict(G=G, BLK=block_size, HEAD_DIM=D, BLOCK_D=block_d, DOT_PREC=prec)
+    suffix = "" if deterministic else "_atomic"
 
-    cfg = pick_tiles("dq", D, block_size, G, q.dtype)
-    slots = cfg.block_m // G
-    _varprefix_bwd_dq_kernel[(Bt * Hkv, triton.cdiv(NB, slots))](
-        q, k_ctx, v_ctx, k_draft, v_draft, o, do, lse, delta, dq, sanc, perm,
-        *_s(q), *_s(k_ctx), *_s(v_ctx), *_s(k_draft), *_s(v_draft), *_s(o), *_s(do), *_s(dq),
-        S, N, NB, Hkv, float(scale), qk_scale,
-        SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_ds and split_ok, **common,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    if deterministic:
+        dq_acc = q  # unused by the dk/dv kernels
+        cfg = pick_tiles("dq", D, block_size, G, q.dtype)
+        slots = cfg.block_m // G
+        _varprefix_bwd_dq_kernel[(Bt * Hkv, triton.cdiv(NB, slots))](
+            q, k_ctx, v_ctx, k_draft, v_draft, o, do, lse, delta, dq, sanc, perm,
+            *_s(q), *_s(k_ctx), *_s(v_ctx), *_s(k_draft), *_s(v_draft), *_s(o), *_s(do), *_s(dq),
+            S, N, NB, Hkv, float(scale), qk_scale,
+            SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_ds and split_ok, **common,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        dq_acc = dq
+        rows = Bt * NB * Hq
+        block_r = max(1, 8192 // block_d)
+        _varprefix_bwd_prep_kernel[(triton.cdiv(rows, block_r),)](
+            o, do, delta, dq_acc, *_s(o), *_s(do), *_s(dq_acc), NB, Hq, rows,
+            HEAD_DIM=D, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=8,
+        )
 
-    cfg = pick_tiles("dkdv", D, block_size, G, q.dtype)
-    slots = cfg.block_m // G
+    cfg = pick_tiles("dkdv" + suffix, D, block_size, G, q.dtype)
+    cfg_d = pick_tiles("dkdv_draft" + suffix, D, block_size, G, q.dtype)
+    presort = cfg.presort and deterministic  # the atomic dq adds at the slots' memory order
     q_s, do_s, lse_s, delta_s = q, do, lse, delta
-    if cfg.presort:
+    if presort:
         idx = (perm.long()[:, :, None] * block_size + torch.arange(block_size, device=dev)).reshape(Bt, NB)
         rows = torch.arange(Bt, device=dev)[:, None]
         q_s, do_s = q[rows, idx], do[rows, idx]  # [Bt, NB, Hq, D] in sorted slot order
         lse_s, delta_s = (t.gather(2, idx[:, None, :].expand(Bt, Hq, NB)) for t in (lse, delta))
-    _varprefix_bwd_dkdv_ctx_kernel[(Bt * Hkv, triton.cdiv(S, cfg.block_n))](
-        q_s, k_ctx, v_ctx, do_s, lse_s, delta_s, dk_ctx, dv_ctx, sanc, perm,
-        *_s(q_s), *_s(k_ctx), *_s(v_ctx), *_s(do_s), *_s(dk_ctx), *_s(dv_ctx),
-        S, N, NB, Hkv, float(scale), qk_scale,
-        SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_ds and split_ok,
-        SORTED=cfg.presort, **common, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-
-    cfg = pick_tiles("dkdv_draft", D, block_size, G, q.dtype)
-    slots = cfg.block_m // G
-    _varprefix_bwd_dkdv_draft_kernel[(Bt * Hkv, triton.cdiv(NB, cfg.block_n))](
-        q, k_draft, v_draft, do, lse, delta, dk_draft, dv_draft, sanc, perm,
-        *_s(q), *_s(k_draft), *_s(v_draft), *_s(do), *_s(dk_draft), *_s(dv_draft),
-        N, NB, Hkv, float(scale), qk_scale,
-        SLOTS=slots, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=cfg.split_ds and split_ok, **common,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    ctx_tiles = triton.cdiv(S, cfg.block_n)
+    if presort:  # the draft tiles read the unsorted q/do: their own launch
+        _launch_dkdv(q_s, k_ctx, v_ctx, k_draft, v_draft, do_s, lse_s, delta_s, dk_ctx, dv_ctx, dk_draft,
+                     dv_draft, sanc, perm, dq_acc, S, N, NB, Hkv, scale, qk_scale, common, deterministic, split_ok,
+                     cfg, cfg_d, ctx_tiles, ctx_tiles, True)
+        ctx_tiles, q_s, do_s, lse_s, delta_s = 0, q, do, lse, delta
+    _launch_dkdv(q_s, k_ctx, v_ctx, k_draft, v_draft, do_s, lse_s, delta_s, dk_ctx, dv_ctx, dk_draft, dv_draft,
+                 sanc, perm, dq_acc, S, N, NB, Hkv, scale, qk_scale, common, deterministic, split_ok,
+                 cfg, cfg_d, ctx_tiles, ctx_tiles + triton.cdiv(NB, cfg_d.block_n), False)
+    if acc_dq:
+        dq = dq.to(q.dtype)
     return dq, dk_ctx, dv_ctx, dk_draft, dv_draft

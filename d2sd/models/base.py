@@ -182,8 +182,10 @@ class Drafter(nn.Module):
         for t in rope_ctx:
             torch._dynamo.maybe_mark_dynamic(t, 1)
         rope_draft = rope_cos_sin(inv_freq, self.rope_scaling, pos_draft, x.dtype)
+        # The anchors' sort (and range check), once per forward for every layer's attention.
+        lay = d2kernels.varprefix_layout(anchors, keep, block_size=block_size, seq_len=S, backend=self.config.backend)
         for layer in self.layers:
-            x = layer(x, ctx, rope_draft, rope_ctx, anchors, keep, block_size)
+            x = layer(x, ctx, rope_draft, rope_ctx, anchors, keep, block_size, lay)
         return self.norm(x)
 
     def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
@@ -358,8 +360,9 @@ class DraftAttention(nn.Module):
         v = self.v_norm(self.v_proj(h).view(Bt, T, self.num_kv_heads, self.head_dim))
         return k, v
 
-    def forward(self, x, ctx, rope_draft, rope_ctx, anchors, keep, block_size):
-        """``x [Bt, NB, H]`` draft states, ``ctx [Bt, S, H]`` context -> ``[Bt, NB, H]``."""
+    def forward(self, x, ctx, rope_draft, rope_ctx, anchors, keep, block_size, layout=None):
+        """``x [Bt, NB, H]`` draft states, ``ctx [Bt, S, H]`` context -> ``[Bt, NB, H]``;
+        ``layout``: the step's ``d2kernels.varprefix_layout`` (shared by every layer)."""
         Bt, NB, _ = x.shape
         q = apply_rope(self.q_norm(self.q_proj(x).view(Bt, NB, self.num_heads, self.head_dim)), *rope_draft)
         k_draft, v_draft = self._kv(x, rope_draft)  # [Bt, NB, Hkv, D]
@@ -367,7 +370,7 @@ class DraftAttention(nn.Module):
         q, k_ctx, v_ctx, k_draft, v_draft = kernel_dtype(q, k_ctx, v_ctx, k_draft, v_draft)
         o = d2kernels.varprefix_attention(
             q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep,
-            block_size=block_size, scale=self.scale, backend=self.backend,
+            block_size=block_size, scale=self.scale, backend=self.backend, layout=layout,
         )  # [Bt, NB, Hq, D]
         return self.o_proj(o.reshape(Bt, NB, self.num_heads * self.head_dim))
 

@@ -132,8 +132,8 @@ class Gemma4DraftLayer(nn.Module):
         self.pre_feedforward_layernorm = Gemma4RMSNorm(H, eps=eps)
         self.post_feedforward_layernorm = Gemma4RMSNorm(H, eps=eps)
 
-    def forward(self, x, ctx, rope_draft, rope_ctx, anchors, keep, block_size):
-        a = self.self_attn(self.input_layernorm(x), ctx, rope_draft, rope_ctx, anchors, keep, block_size)
+    def forward(self, x, ctx, rope_draft, rope_ctx, anchors, keep, block_size, layout=None):
+        a = self.self_attn(self.input_layernorm(x), ctx, rope_draft, rope_ctx, anchors, keep, block_size, layout)
         x = x + self.post_attention_layernorm(a)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 

@@ -49,8 +49,8 @@ class Qwen3DraftLayer(nn.Module):
         self.input_layernorm = Qwen3RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = Qwen3RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def forward(self, x, ctx, rope_draft, rope_ctx, anchors, keep, block_size):
-        x = x + self.self_attn(self.input_layernorm(x), ctx, rope_draft, rope_ctx, anchors, keep, block_size)
+    def forward(self, x, ctx, rope_draft, rope_ctx, anchors, keep, block_size, layout=None):
+        x = x + self.self_attn(self.input_layernorm(x), ctx, rope_draft, rope_ctx, anchors, keep, block_size, layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
