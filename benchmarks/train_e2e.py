@@ -135,7 +135,7 @@ def run_train(mode: str, argv: list[str], out: Path, warmup_rows: int = 3, timeo
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # gigabytes each at the real shape
     if log_file is not None and (out / "profile.txt").is_file():
         shutil.copy(out / "profile.txt", log_file.with_suffix(".profile.txt"))
-    warm = rows[warmup_rows:] or rows
+    warm = [r for r in rows[warmup_rows:] if not r.get("profiled")] or rows
     dur = [r["tokens"] / r["window_tokens_per_s"] for r in warm]
     quiet = [(r, d) for r, d in zip(warm, dur) if r["save_stall_s"] == 0]
     m = re.search(r"first step: ([0-9.]+)s", text)

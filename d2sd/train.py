@@ -1078,6 +1078,10 @@ class StepProfiler:
             self.prof.__enter__()
             self.t0 = time.time()
 
+    def covers(self, step: int) -> bool:
+        """Whether step ``step`` (counted from 1, as logged) ran under the profiler."""
+        return self.start < step <= self.stop
+
     def after(self, step: int) -> None:
         if self.prof is None or step < self.stop:
             return
@@ -1086,11 +1090,13 @@ class StepProfiler:
         wall = time.time() - self.t0
         self.prof.__exit__(None, None, None)
         avg = self.prof.key_averages()
-        busy = sum(getattr(e, "self_device_time_total", 0) for e in avg) / 1e6
+        # Kernels only: an aten op's device time is its kernels' time counted a second time.
+        busy = sum(e.self_device_time_total for e in self.prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
         table = avg.table(sort_by="self_device_time_total" if busy else "self_cpu_time_total", row_limit=30)
-        self.path.write_text(f"steps {self.start}..{self.stop - 1}: wall {wall:.3f}s, device busy {busy:.3f}s "
+        self.path.write_text(f"steps {self.start + 1}..{self.stop}: wall {wall:.3f}s, device busy {busy:.3f}s "
                              f"({100 * busy / max(wall, 1e-9):.0f}%)\n{table}\n")
-        log(f"profile of steps {self.start}..{self.stop - 1} (device busy {100 * busy / max(wall, 1e-9):.0f}% of "
+        log(f"profile of steps {self.start + 1}..{self.stop} (device busy {100 * busy / max(wall, 1e-9):.0f}% of "
             f"{wall:.2f}s): {self.path}")
         self.prof = None
 
@@ -1183,6 +1189,8 @@ def train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, fea
                     }
                     if info.device.type == "cuda":
                         row["peak_mem_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+                    if profiler.covers(step):
+                        row["profiled"] = True  # slowed by the profiler: not a throughput sample
                     metrics.log(row)
                     window = new_window()
                 if stopping:
