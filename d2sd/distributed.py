@@ -74,9 +74,16 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> to
             from torch.distributed.fsdp import fully_shard
         except ImportError as e:
             raise RuntimeError(f"--fsdp needs torch.distributed.fsdp.fully_shard (torch >= 2.6): {e}") from None
+        kw = {}
+        if info.device.type == "cuda":
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            # bf16 all-gathers and compute (also one dtype for the frozen bf16 and trainable fp32
+            # parameters of a unit), fp32 gradient reduction; the fp32 shards stay the masters.
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in getattr(model, "layers", []):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, **kw)
+        fully_shard(model, **kw)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
