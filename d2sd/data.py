@@ -167,29 +167,35 @@ def load_chat_jsonl(path, tokenizer, max_length: int | None = None) -> tuple[lis
     samples = []
     stats = {"records": 0, "samples": 0, "skipped_no_assistant": 0, "skipped_past_max_length": 0, "truncated": 0,
              "tokens": 0, "supervised_tokens": 0}
+    for lineno, _, record in jsonl_records(path):
+        stats["records"] += 1
+        try:
+            sample, truncated, had_assistant = _tokenize(record, tokenizer, max_length)
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
+        if int(sample["loss_mask"].sum()) == 0:
+            stats["skipped_past_max_length" if had_assistant else "skipped_no_assistant"] += 1
+            continue
+        stats["truncated"] += int(truncated)
+        stats["samples"] += 1
+        stats["tokens"] += len(sample["input_ids"])
+        stats["supervised_tokens"] += int(sample["loss_mask"].sum())
+        samples.append(sample)
+    return samples, stats
+
+
+def jsonl_records(path) -> Iterator[tuple[int, str, object]]:
+    """``(line number, line, parsed JSON)`` of each non-blank line; ValueError naming ``path:line``
+    for a line that is not UTF-8 or not JSON."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             line = decode_line(raw, path, lineno)
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, line, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-            stats["records"] += 1
-            try:
-                sample, truncated, had_assistant = _tokenize(record, tokenizer, max_length)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
-            if int(sample["loss_mask"].sum()) == 0:
-                stats["skipped_past_max_length" if had_assistant else "skipped_no_assistant"] += 1
-                continue
-            stats["truncated"] += int(truncated)
-            stats["samples"] += 1
-            stats["tokens"] += len(sample["input_ids"])
-            stats["supervised_tokens"] += int(sample["loss_mask"].sum())
-            samples.append(sample)
-    return samples, stats
 
 
 def decode_line(raw: bytes, path, lineno: int) -> str:
@@ -296,17 +302,9 @@ def _build_tokenized(path: str, tokenizer, max_length, num_proc, where: str) -> 
     import datasets
 
     lines, linenos = [], []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = decode_line(raw, path, lineno)
-            if not line.strip():
-                continue
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-            lines.append(line)
-            linenos.append(lineno)
+    for lineno, line, _ in jsonl_records(path):
+        lines.append(line)
+        linenos.append(lineno)
     ds = datasets.Dataset.from_dict({"lineno": linenos, "line": lines})
     if len(ds):
         ds = ds.map(_tokenize_lines, batched=True, batch_size=64, num_proc=num_proc if num_proc and num_proc > 1 else None,
