@@ -26,7 +26,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from .models.base import CONFIG_NAME, write_json
 from .models.checkpoint import WEIGHTS_INDEX_NAME, readable_by_all, shard_name
@@ -47,6 +46,7 @@ __all__ = [
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
+TRAINER_TENSORS = "trainer_state.safetensors"  # the trainer state's tensors, by reference from TRAINER_STATE
 DRAFTER_DIR = "drafter"
 PREFIX = "step_"
 
@@ -146,9 +146,16 @@ def _write_tmp(tmp: Path, step: int, write_drafter: Callable[[Path], Optional[di
     tmp.mkdir()
     known = write_drafter(tmp / DRAFTER_DIR) or {}
     known = {str(Path(DRAFTER_DIR) / k): v for k, v in known.items()}
-    # Through a Python file: a failed write raises OSError (ENOSPC), not the zip writer's "unexpected pos".
+    # The state's tensors (AdamW moments: gigabytes) go to a safetensors file written by plain file
+    # writes, which release the GIL; torch.save keeps the small rest. torch.save and safetensors'
+    # save_file hold the GIL for much of their work, which a background save must not do to the
+    # training thread. Through a Python file: a failed write raises OSError (ENOSPC), not the zip
+    # writer's "unexpected pos".
+    skeleton, tensors = split_tensors(trainer_state)
+    if tensors:
+        write_safetensors(tmp / TRAINER_TENSORS, tensors)
     with open(tmp / TRAINER_STATE, "wb") as f:
-        torch.save(trainer_state, f)
+        torch.save(skeleton, f)
     files = {}
     for p in _files(tmp):
         rel = str(p.relative_to(tmp))
@@ -320,11 +327,81 @@ def load_trainer_state(path: Path, map_location: str | torch.device = "cpu") -> 
     """Trainer state of a verified checkpoint (call ``verify_checkpoint`` first); CorruptCheckpoint if unreadable."""
     try:
         state = torch.load(Path(path) / TRAINER_STATE, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        if (Path(path) / TRAINER_TENSORS).is_file():
+            from safetensors.torch import load_file
+
+            state = join_tensors(state, load_file(str(Path(path) / TRAINER_TENSORS), device=str(map_location)))
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError) as e:
         raise CorruptCheckpoint(f"{path}: cannot read {TRAINER_STATE}: {e}") from None
+    except Exception as e:  # safetensors' SafetensorError has no narrower public base
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise CorruptCheckpoint(f"{path}: cannot read {TRAINER_TENSORS}: {e}") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CorruptCheckpoint(f"{path}: {TRAINER_STATE} is not a d2sd trainer state")
     return state
+
+
+_TENSOR_REF = "__d2sd_tensor__"
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def split_tensors(tree: Any, key: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(tree with each tensor replaced by a reference, {reference: tensor})``; ``join_tensors`` inverts it."""
+    if isinstance(tree, torch.Tensor):
+        return {_TENSOR_REF: key}, {key: tree}
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out[k], t = split_tensors(v, f"{key}/{k}")
+            tensors.update(t)
+        return out, tensors
+    if isinstance(tree, (list, tuple)):
+        parts = [split_tensors(v, f"{key}/{i}") for i, v in enumerate(tree)]
+        for _, t in parts:
+            tensors.update(t)
+        return type(tree)(p for p, _ in parts), tensors
+    return tree, tensors
+
+
+def join_tensors(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {_TENSOR_REF}:
+            return tensors[tree[_TENSOR_REF]]
+        return {k: join_tensors(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(join_tensors(v, tensors) for v in tree)
+    return tree
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
+    """The safetensors format (8-byte header size, JSON header, raw little-endian data), written with
+    plain ``file.write`` of each tensor's memory: the GIL is released for the bytes, so a background
+    writer does not stall the training thread (``safetensors.torch.save_file`` holds it)."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for k, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"{k}: dtype {t.dtype} has no safetensors name")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = metadata
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+    readable_by_all(path)
 
 
 def capture_rng_state(anchor_generator: Optional[torch.Generator] = None) -> dict:
@@ -506,8 +583,7 @@ class AsyncCheckpointer:
                 trainable = {k: v for k, v in host_sd.items() if k not in self.frozen}
                 files = [shard_name(1, 2), shard_name(2, 2)]
                 meta = {"format": "pt", "d2sd_format": "deepspec"}
-                save_file(trainable, str(d / files[0]), metadata=meta)
-                readable_by_all(d / files[0])
+                write_safetensors(d / files[0], trainable, metadata=meta)
                 known = {}
                 frozen_name = files[1]
                 if reuse_frozen:
@@ -517,8 +593,7 @@ class AsyncCheckpointer:
                         shutil.copyfile(self._frozen_shard.path, d / files[1])
                     known[files[1]] = self._frozen_shard.sha256
                 else:
-                    save_file({k: host_sd[k] for k in frozen_keys}, str(d / files[1]), metadata=meta)
-                    readable_by_all(d / files[1])
+                    write_safetensors(d / files[1], {k: host_sd[k] for k in frozen_keys}, metadata=meta)
                 weight_map = {k: files[0] for k in trainable} | {k: files[1] for k in frozen_keys}
                 write_json({"metadata": {"format": "pt"}, "weight_map": weight_map}, str(d / WEIGHTS_INDEX_NAME))
                 return known

@@ -30,7 +30,9 @@ def test_save_writes_layout_and_manifest(tmp_path):
     assert path.name == "step_00000007"
     manifest = ckpt.verify_checkpoint(path)
     assert manifest["step"] == 7
-    assert set(manifest["files"]) == {"drafter/model.safetensors", "drafter/config.json", "trainer_state.pt"}
+    # the state's tensors (here the RNG states) sit in trainer_state.safetensors, the rest in trainer_state.pt
+    assert set(manifest["files"]) == {"drafter/model.safetensors", "drafter/config.json", "trainer_state.pt",
+                                      "trainer_state.safetensors"}
     assert torch.equal(load_file(str(path / "drafter" / "model.safetensors"))["w"], torch.full((5, 3), 7.0))
     assert ckpt.load_trainer_state(path)["step"] == 7
     assert not list(tmp_path.glob(".tmp-*")), "temp dir left behind"

@@ -277,3 +277,39 @@ def test_gpu_train_command_compiled_bf16(tmp_path):
     assert sd["lm_head.weight"].dtype == torch.bfloat16 and sd["fc.weight"].dtype == torch.float32
     for step in (3, 6):
         ckpt.verify_checkpoint(out / "checkpoints" / ckpt.step_dir_name(step))
+
+
+def test_write_safetensors_round_trips_every_dtype(tmp_path):
+    """The GIL-free writer's files load with safetensors' own reader, bit for bit."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(7, generator=g).bfloat16(),
+        "f16": torch.randn(2, 2, generator=g).half(), "f64": torch.randn(4, generator=g).double(),
+        "i64": torch.arange(-3, 6), "i32": torch.arange(5, dtype=torch.int32), "u8": torch.arange(9, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
+        "f8": torch.randn(6, generator=g).to(torch.float8_e4m3fn), "strided": torch.randn(4, 6, generator=g)[:, ::2],
+    }
+    ckpt.write_safetensors(tmp_path / "t.safetensors", tensors, metadata={"format": "pt"})
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert set(back) == set(tensors)
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape, k
+        assert torch.equal(back[k].reshape(-1).view(torch.uint8), t.contiguous().reshape(-1).view(torch.uint8)), k
+
+
+def test_trainer_state_tensors_live_in_safetensors(tmp_path):
+    """A checkpoint's trainer state: the tensors in trainer_state.safetensors, the rest pickled; loads back whole."""
+    state = {"step": 4, "optimizer": {"state": {0: {"exp_avg": torch.randn(3, 4), "step": torch.tensor(4.0)}},
+                                      "param_groups": [{"lr": 1e-3, "params": [0]}]},
+             "rng": {"torch": torch.get_rng_state(), "numpy": ["MT19937", torch.arange(3), 1, 0, 0.0]},
+             "run_opts": {"lr": 1e-3}}
+    path = ckpt.save_checkpoint(tmp_path, 4, lambda d: d.mkdir() or None, state, keep_last=2)
+    assert (path / ckpt.TRAINER_TENSORS).is_file()
+    assert (path / ckpt.TRAINER_STATE).stat().st_size < 4096  # only the small rest is pickled
+    back = ckpt.load_trainer_state(path)
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+    assert torch.equal(back["rng"]["torch"], state["rng"]["torch"])
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert back["rng"]["numpy"][0] == "MT19937" and torch.equal(back["rng"]["numpy"][1], torch.arange(3))
