@@ -240,6 +240,13 @@ class TokenizedChats:
         row = self.ds[int(i)]
         return {k: row[k][: self.max_length].long() for k in ("input_ids", "loss_mask")}
 
+    def lengths(self) -> list[int]:
+        """Every sample's token count (after ``max_length``), from the Arrow column without reading rows."""
+        import pyarrow.compute as pc
+
+        n = pc.list_value_length(self.ds.data.column("input_ids")).to_pylist()
+        return [min(x, self.max_length) if self.max_length else x for x in n]
+
 
 STATS_FILE = "d2sd_stats.json"
 TOKENIZE_VERSION = 2  # bump when the tokenization rule changes: old caches are not reused

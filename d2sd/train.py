@@ -1252,7 +1252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             del target
         optimizer = make_optimizer(model, run.train)
         scheduler = make_scheduler(optimizer, run.train)
-        lengths = examples.lengths() if isinstance(examples, _CacheSamples) else [len(e["input_ids"]) for e in examples]
+        lengths = examples.lengths() if hasattr(examples, "lengths") else [len(e["input_ids"]) for e in examples]
         batcher = Batcher(len(examples), run.train.global_batch_size, run.train.micro_batch_size,
                           info.world_size, info.rank, run.train.seed, lengths=lengths)
         start = 0
