@@ -1,6 +1,6 @@
 """d2kernels: fused kernels for training DFlash / D2SD (variable-prefix) drafters.
 
-Public API (see SPEC.md): ``layout`` helpers, ``varprefix_attention``, ``noise_embedding``,
+Public API (semantics: docs/semantics.md): ``layout`` helpers, ``varprefix_attention``, ``noise_embedding``,
 ``decayed_cross_entropy``; their ``nn.Module`` faces in ``d2kernels.modules`` (``NoiseEmbedding``,
 ``VarPrefixAttention``, ``DecayedCrossEntropy``). Imports neither ``transformers`` nor ``d2sd``.
 """

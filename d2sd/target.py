@@ -1,6 +1,6 @@
 """The frozen target model: loading, hidden-state features for the drafter, greedy generation.
 
-Layer ids follow SPEC.md (and DeepSpec's ``target_extract``): ``-1`` is the embedding output,
+Layer ids follow docs/semantics.md (and DeepSpec's ``target_extract``): ``-1`` is the embedding output,
 ``l >= 0`` is the output of decoder layer ``l``. For ``l < num_hidden_layers - 1`` that is Hugging
 Face's ``hidden_states[l + 1]``; for the last layer Hugging Face applies the final norm to
 ``hidden_states[-1]`` while we return the raw layer output, as DeepSpec's forward hooks do.

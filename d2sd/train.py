@@ -747,7 +747,7 @@ def forward_backward(
 
     Each micro-batch backpropagates ``loss_num * world_size``; DDP / FSDP average over ranks and
     the gradients are then divided by the global ``Σw + 1e-6``: the result is the gradient of the
-    global weighted mean, whatever the split over ranks and micro-batches (SPEC). With ``grad_clip``
+    global weighted mean, whatever the split over ranks and micro-batches (docs/semantics.md). With ``grad_clip``
     (``<= 0``: norm only) the global gradient norm is computed and clipped too. The sums, the
     scaling and the clipping stay on the device; the step reads them back in one transfer at its end.
     The batch ids were checked on the host (``check_token_ids``), so the model runs with the

@@ -1,4 +1,4 @@
-"""Drafter models (d2sd.models) against a dense float64 reference written here from the SPEC rule.
+"""Drafter models (d2sd.models) against a dense float64 reference written here from the rules of docs/semantics.md.
 
 The reference builds its own token ids, labels, weights and [slots, ctx+slots] mask with Python
 loops, materializes the logits and runs plain-torch attention, so it shares no code with
@@ -84,7 +84,7 @@ def make_batch(d, Bt=2, S=37, seed=SEED):
 # ----------------------------------------------------------------------------- dense float64 reference
 
 def ref_slots(ids, lm, anchors, keep, prefix, B, mask_id, mode):
-    """SPEC rule, loop by loop: slot tokens [Bt,N*B], labels / weights-offsets / eval [Bt,N,B]."""
+    """docs/semantics.md rules, loop by loop: slot tokens [Bt,N*B], labels / weights-offsets / eval [Bt,N,B]."""
     Bt, S = ids.shape
     N = anchors.shape[1]
     tok = torch.full((Bt, N * B), mask_id, dtype=torch.long)
@@ -510,7 +510,7 @@ def test_triton_backend_matches_torch():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("family", list(TARGETS))
 def test_gpu_bf16_triton_within_twice_torch_error(family):
-    """SPEC bf16 acceptance at model level: triton's error vs float64 within 2x torch-in-bf16's (+ slack)."""
+    """bf16 acceptance (docs/semantics.md) at model level: triton's error vs float64 within 2x torch-in-bf16's (+ slack)."""
     d = make_drafter(family, "d2", B=7, N=9, layers=2, dtype=torch.bfloat16)
     cpu_batch = make_batch(d, S=67)
     P, num, _, _, _ = ref_loss(d, "d2", *cpu_batch)

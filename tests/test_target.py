@@ -67,7 +67,7 @@ def test_hidden_states_match_hf(target, layer_ids):
 
 
 def test_last_layer_is_raw_layer_output(target):
-    """HF's hidden_states[-1] carries the final norm; layer id L-1 is the raw layer output (SPEC/DeepSpec)."""
+    """HF's hidden_states[-1] carries the final norm; layer id L-1 is the raw layer output (docs/semantics.md / DeepSpec)."""
     model, _ = target
     L = num_target_layers(model)
     ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))

@@ -1,6 +1,6 @@
 """The drafter skeleton shared by every layer family (Qwen3, Gemma4).
 
-Layout (DeepSpec's DFlash drafter, SPEC "Drafter model"): frozen ``embed_tokens`` and ``lm_head``
+Layout (DeepSpec's DFlash drafter, docs/semantics.md "Drafter"): frozen ``embed_tokens`` and ``lm_head``
 copied from the target; ``fc: Linear(L*H -> H)`` and ``hidden_norm`` turn the target features into
 the context; ``layers`` attend from the draft slots to [context ; own block]; final ``norm``.
 A family subclass provides the RMSNorm class, the decoder layer and the rotary frequencies.
@@ -312,7 +312,7 @@ class Drafter(nn.Module):
         """Write ``config.json`` + ``model.safetensors``.
 
         ``format="deepspec"``: DeepSpec's ``Qwen3DSparkModel`` / ``Gemma4DSparkModel`` checkpoint (its
-        ``from_pretrained`` loads it), every weight under the SPEC names, our training rule alongside.
+        ``from_pretrained`` loads it), every weight under the state-dict names of docs/semantics.md, our training rule alongside.
         ``format="dflash"``: the z-lab/SpecForge ``DFlashDraftModel`` layout (no embed_tokens / lm_head).
         """
         from .checkpoint import save_drafter

@@ -6,7 +6,7 @@ is the target's text config with ``architectures: ["Qwen3DSparkModel"]`` (or Gem
 ``target_layer_ids``, ``num_anchors``, ``enable_confidence_head: false``, ``markov_rank: 0``,
 ``tie_word_embeddings: false``, ``layer_types``; our training rule rides along where DeepSpec's
 loader ignores it (``enable_d2_feature``, ``d2_prefix_weight_base`` at the top, the rest under
-``d2sd``). ``model.safetensors`` holds every weight under the SPEC names, embed_tokens and lm_head
+``d2sd``). ``model.safetensors`` holds every weight under the state-dict names of docs/semantics.md, embed_tokens and lm_head
 included (Gemma4 adds DeepSpec's ``layers.{i}.layer_scalar`` buffers, all 1). Folders written by
 older d2sd versions (``architectures: ["D2SDDrafter"]``, flat DrafterConfig fields) still load.
 

@@ -39,7 +39,7 @@ __all__ = [
 
 
 def varprefix_mask_mod(anchors: torch.Tensor, keep: torch.Tensor, S: int, block_size: int):
-    """flex ``mask_mod`` of the SPEC rule over keys ``[ctx 0..S-1 ; draft slots]``."""
+    """flex ``mask_mod`` of the attention mask rule (docs/semantics.md) over keys ``[ctx 0..S-1 ; draft slots]``."""
     B = block_size
 
     def mask_mod(b, h, q_idx, kv_idx):
