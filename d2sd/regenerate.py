@@ -207,7 +207,7 @@ def regenerate_file(data: str, out: str, generate: Callable, chunk_size: int = 2
     with open(out, "a", encoding="utf-8") as fo, open(err_path, "w", encoding="utf-8") as fe:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]
-            for (i, r), res in zip(chunk, regenerate_records([r for _, r in chunk], generate)):
+            for (i, _), res in zip(chunk, regenerate_records([r for _, r in chunk], generate)):
                 if isinstance(res, Exception):
                     fe.write(json.dumps({"id": i, "error": f"{type(res).__name__}: {res}"}) + "\n")
                     stats["errors"] += 1

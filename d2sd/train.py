@@ -42,8 +42,8 @@ import d2kernels
 
 from . import checkpoint as ckpt
 from . import distributed as ddist
+from .config import PRESETS, TrainConfig, get_preset
 from .data import collate as pad_batch
-from .config import TrainConfig, get_preset, PRESETS
 from .models import build_drafter
 from .models.checkpoint import TARGET_PARTS, drafter_json, drafter_state_dict, read_weights
 

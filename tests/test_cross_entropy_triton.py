@@ -7,14 +7,13 @@ import dataclasses
 
 import pytest
 import torch
-
 import triton
 import triton.language as tl
 
 import d2kernels.cross_entropy.triton as ce_triton
-from d2kernels.cross_entropy.triton import _wait_count
-from d2kernels.cross_entropy import CEOptions, decayed_cross_entropy
 from d2kernels import validation
+from d2kernels.cross_entropy import CEOptions, decayed_cross_entropy
+from d2kernels.cross_entropy.triton import _wait_count
 from d2kernels.layout import decay_weights
 from tests.utils import rel_err
 

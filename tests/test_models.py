@@ -56,7 +56,7 @@ def make_drafter(family, mode, B=4, N=5, layers=2, backend="torch", dtype=torch.
     d = build_drafter(TARGETS[family](V=V), num_draft_layers=layers, block_size=B, num_anchors=N,
                       loss_decay_gamma=2.5, backend=backend, **MODES[mode])
     with torch.no_grad():  # non-trivial norm weights so a wrong norm placement shows
-        for name, p in d.named_parameters():
+        for p in d.parameters():
             if p.dim() == 1:
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
     return d.to(dtype)
@@ -164,7 +164,7 @@ def ref_hidden(P, cfg, tok, th, anchors, keep, B):
     mask = ref_mask(anchors, keep, S, B)
     pos_d = (anchors[..., None] + torch.arange(B)).reshape(Bt, NB)
     for i in range(cfg.num_draft_layers):
-        L = lambda n: P[f"layers.{i}.{n}"]  # noqa: E731
+        L = lambda n, i=i: P[f"layers.{i}.{n}"]
         hn = rms(x, L("input_layernorm.weight"), eps)
         outs = []
         for b in range(Bt):

@@ -7,8 +7,15 @@ import torch
 
 from d2sd.assets import tiny_target_path
 from d2sd.corpus import final_answer, make_problems
-from d2sd.target import (LayerCapture, default_layer_ids, generate, load_target, num_target_layers,
-                         target_hidden_states, validate_layer_ids)
+from d2sd.target import (
+    LayerCapture,
+    default_layer_ids,
+    generate,
+    load_target,
+    num_target_layers,
+    target_hidden_states,
+    validate_layer_ids,
+)
 from tests.utils import rel_err
 
 

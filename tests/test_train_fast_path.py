@@ -98,7 +98,7 @@ def test_forward_backward_one_host_transfer_and_clip():
     # Reference: unclipped gradient of the global weighted mean, scaled to the clip.
     ref = _drafter()
     num = den = 0
-    for i, (index, b) in enumerate(micros):
+    for index, b in micros:
         gen = torch.Generator().manual_seed(train.anchor_seed(3, 0, index))
         out = ref(b["input_ids"], b["target_hidden"], b["loss_mask"], generator=gen)
         out.loss_num.backward()

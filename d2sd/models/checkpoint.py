@@ -366,9 +366,8 @@ def load_drafter(
     the dflash format, whose embed_tokens / lm_head are copied from it. ``dtype`` defaults to the
     saved weights' dtype; ``backend`` overrides the saved d2kernels backend.
     """
-    from . import drafter_class
-
     from ..target import resolve_model
+    from . import drafter_class
 
     path = resolve_model(path)  # a local folder or a Hub id (local Hub cache when offline)
     cfg_path = os.path.join(path, CONFIG_NAME)

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-
 from ..config import DrafterConfig
 from .base import DraftAttention, Drafter
 

@@ -6,7 +6,6 @@ from torch import nn
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-
 from ..config import DrafterConfig
 from .base import DraftAttention, Drafter
 
