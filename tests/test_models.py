@@ -17,6 +17,7 @@ except ImportError:
     Gemma4TextConfig = None
 
 import d2kernels
+from benchmarks.reference_step import ReferenceOps, reference_loss
 from d2kernels import layout
 from d2sd.config import PRESETS, DrafterConfig, default_target_layer_ids, get_preset
 from d2sd.models import build_drafter, load_drafter
@@ -531,8 +532,6 @@ def test_gpu_bf16_triton_within_twice_torch_error(family):
 @pytest.mark.parametrize("mode", ["d2", "shifted"])
 def test_benchmark_reference_path_matches_drafter(mode):
     """The 'as users run it' path of the train-step benchmark computes the same loss and gradients."""
-    from d2sd.models.reference import ReferenceOps, reference_loss
-
     d = make_drafter("qwen3", mode)
     ids, th, lm, anchors, keep, prefix = make_batch(d)
     ref, ref_g = loss_and_grads(d, (ids, th, lm, anchors, keep, prefix))

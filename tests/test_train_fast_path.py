@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import d2kernels
+from benchmarks.reference_step import tiny_target_config
 from d2sd import checkpoint as ckpt
 from d2sd import train
 from d2sd.data import collate
 from d2sd.models import build_drafter, load_drafter
 from d2sd.models.checkpoint import TARGET_PARTS, drafter_json, read_weights
-from d2sd.models.reference import tiny_target_config
 
 HAS_CUDA = torch.cuda.is_available()
 
