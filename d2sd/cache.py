@@ -313,7 +313,7 @@ def write_cache(out, target, tokenizer, samples: Sequence[dict], layer_ids: Sequ
     from tqdm.auto import tqdm
 
     from .data import collate
-    from .target import LayerCapture, _backbone
+    from .target import LayerCapture, find_backbone
 
     out = os.path.abspath(os.fspath(out))
     if hidden_dtype not in HIDDEN_DTYPES:
@@ -325,7 +325,7 @@ def write_cache(out, target, tokenizer, samples: Sequence[dict], layer_ids: Sequ
         raise FileExistsError(f"cache output directory is not empty: {out}")
     os.makedirs(out, exist_ok=True)
 
-    backbone = _backbone(target)
+    backbone = find_backbone(target)
     device = next(target.parameters()).device
     keep = [s for s in samples if int(torch.as_tensor(s["loss_mask"]).sum()) >= max(min_loss_tokens, 0)]
     writer = _ShardWriter(out, shard_size)

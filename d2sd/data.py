@@ -80,7 +80,7 @@ def default_corpus(n: int = 256, seed: int = 0, target=None, tokenizer=None, max
 
 # ----------------------------------------------------------------------------- tokenization
 
-def _messages(record: dict) -> list[dict]:
+def chat_messages(record: dict) -> list[dict]:
     turns = record.get("messages", record.get("conversations")) if isinstance(record, dict) else None
     if not isinstance(turns, list):
         raise ValueError("record has no 'messages' (or 'conversations') list")
@@ -131,7 +131,7 @@ def _assistant_char_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int
 
 def _tokenize(record: dict, tokenizer, max_length: int | None) -> tuple[dict, bool, bool]:
     """``(sample, truncated, supervised before the cut)``."""
-    messages = _messages(record)
+    messages = chat_messages(record)
     text, spans = _assistant_char_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]

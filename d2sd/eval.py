@@ -39,6 +39,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from . import cli
+from .cli import UsageError
 from .specdec import METHODS, DecodeResult, SlotDrafter, TargetVerifier, check_drafters, decode
 
 __all__ = ["main", "build_parser", "summarize", "load_prompt_file", "encode_prompt", "evaluate"]
@@ -47,12 +49,8 @@ SCHEMA_VERSION = 1
 DEFAULT_DRAFTER_CACHE = Path("runs") / "eval-drafters"
 
 
-class UsageError(Exception):
-    """Bad input found before decoding: printed without a traceback."""
-
-
 def log(msg: str) -> None:
-    print(f"[d2sd.eval] {msg}", flush=True)
+    cli.log(msg, prefix="d2sd.eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,10 +114,10 @@ def encode_prompt(tokenizer, item: Any) -> list[int]:
     elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
         messages = [{"role": "user", "content": item["prompt"]}]
     elif isinstance(item, dict) and ("messages" in item or "conversations" in item):
-        from .data import _messages
+        from .data import chat_messages
 
         # the training data's parser: same role aliases and content-part handling
-        messages = _messages(item)
+        messages = chat_messages(item)
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages:

@@ -119,10 +119,10 @@ class TargetGenerator:
 
 def _prompt_turns(record: dict) -> tuple[str, list[dict]]:
     """(key of the turn list, its system/user turns in order); ValueError on a record without a user turn."""
-    from .data import _messages
+    from .data import chat_messages
 
     key = "messages" if "messages" in record else "conversations"
-    turns = [t for t in _messages(record) if t["role"] != "assistant"]
+    turns = [t for t in chat_messages(record) if t["role"] != "assistant"]
     if not any(t["role"] == "user" for t in turns):
         raise ValueError("record has no user turn to answer")
     return key, turns

@@ -42,6 +42,7 @@ import d2kernels
 
 from . import checkpoint as ckpt
 from . import distributed as ddist
+from .cli import UsageError, log
 from .config import PRESETS, TrainConfig, get_preset
 from .data import collate as pad_batch
 from .models import build_drafter
@@ -64,10 +65,6 @@ DRAFTER_KNOBS = {
 NOT_REPLAYED = {"resume", "config", "print_config"}
 
 
-class UsageError(Exception):
-    """Bad input found before training starts: printed without a traceback, nothing is lost."""
-
-
 class NonFinite(RuntimeError):
     """A NaN / inf loss, gradient or weight: training stops before it reaches a checkpoint."""
 
@@ -75,11 +72,6 @@ class NonFinite(RuntimeError):
 # Exit status of a run stopped by a fault found while training (non-finite values, a failed save);
 # 2 is bad input found before the first step.
 EXIT_STOPPED = 3
-
-
-def log(msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # one copy of each message under torchrun
-        print(f"[d2sd] {msg}", flush=True)
 
 
 # ============================================================================ config
