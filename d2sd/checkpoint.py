@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .models.base import CONFIG_NAME, write_json
-from .models.checkpoint import WEIGHTS_INDEX_NAME, readable_by_all, shard_name
+from .models.checkpoint import CONFIG_NAME, WEIGHTS_INDEX_NAME, readable_by_all, shard_name, write_json
 
 __all__ = [
     "CorruptCheckpoint",
