@@ -27,6 +27,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
+from .chat import chat_messages
+from .target import generate_chat
+
 __all__ = ["split_thinking", "ServerGenerator", "TargetGenerator", "regenerate_records", "regenerate_file"]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -112,15 +115,11 @@ class TargetGenerator:
                        seed=seed, template_kwargs=None if enable_thinking is None else {"enable_thinking": enable_thinking})
 
     def __call__(self, chats: Sequence[list[dict]]) -> list:
-        from .target import generate_chat
-
         return [_assistant(c, r) for r, c in map(split_thinking, generate_chat(self.model, self.tokenizer, chats, **self.kw))]
 
 
 def _prompt_turns(record: dict) -> tuple[str, list[dict]]:
     """(key of the turn list, its system/user turns in order); ValueError on a record without a user turn."""
-    from .data import chat_messages
-
     key = "messages" if "messages" in record else "conversations"
     turns = [t for t in chat_messages(record) if t["role"] != "assistant"]
     if not any(t["role"] == "user" for t in turns):
