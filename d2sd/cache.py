@@ -38,7 +38,7 @@ import torch
 from .assets import tiny_target_path
 from .config import default_target_layer_ids, get_preset
 from .data import builtin_prompts, collate, has_anchor_run, load_chat_data, regenerate_with_target, tokenize_chat
-from .models.configs import text_config
+from .models.families import text_config
 from .target import LayerCapture, find_backbone, load_target, num_target_layers
 
 CACHE_VERSION = 2

@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .models.configs import text_config
+from .models.families import text_config
 from .target import LayerCapture
 
 __all__ = [

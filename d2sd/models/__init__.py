@@ -12,7 +12,7 @@ from ..config import DrafterConfig
 from . import gemma4, qwen3  # noqa: F401  (each registers its drafter family)
 from .base import Drafter, DrafterOutput
 from .checkpoint import load_drafter
-from .configs import drafter_class, drafter_config_from_target
+from .families import drafter_class, drafter_config_from_target
 
 __all__ = [
     "build_drafter",

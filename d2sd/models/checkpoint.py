@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import DrafterConfig
 from ..target import resolve_model
-from .configs import drafter_class, drafter_config_from_target, qwen3_config_of, text_config
+from .families import drafter_class, drafter_config_from_target, qwen3_config_of, text_config
 
 if TYPE_CHECKING:
     from .base import Drafter

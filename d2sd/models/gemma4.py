@@ -15,7 +15,7 @@ from transformers.activations import ACT2FN
 
 from ..config import DrafterConfig
 from .base import DraftAttention, Drafter
-from .configs import gemma4_dims, register_family
+from .families import gemma4_dims, register_family
 
 try:
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm

@@ -24,7 +24,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..config import DrafterConfig
 from .base import Drafter
 from .checkpoint import load_drafter
-from .configs import drafter_class
+from .families import drafter_class
 
 __all__ = ["D2SDDrafterConfig", "D2SDDrafterModel"]
 

@@ -8,7 +8,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwe
 
 from ..config import DrafterConfig
 from .base import DraftAttention, Drafter
-from .configs import qwen3_config_of, register_family
+from .families import qwen3_config_of, register_family
 
 __all__ = ["Qwen3Drafter", "Qwen3DraftAttention", "Qwen3DraftLayer", "qwen3_config_of"]
 

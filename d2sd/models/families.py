@@ -1,4 +1,4 @@
-"""Drafter configs from target configs, and the drafter families by ``model_type``.
+"""The drafter families (qwen3, gemma4): their configs from a target's config, their classes by ``model_type``.
 
 Plain config code (no ``nn.Module``): the checkpoint readers and writers use it as well as
 ``build_drafter``. The families register their classes when ``d2sd.models`` imports them.
