@@ -6,15 +6,12 @@ dir), runs the real entry point in a subprocess and puts tokens/s, ms per step, 
 seconds, the save stall and peak memory in ``extra_info``. The timed value is the whole command.
 """
 import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from train_e2e import Setup, run_mode  # noqa: E402
+from benchmarks.train_e2e import Setup, run_mode
 
 
 @pytest.fixture(scope="module")

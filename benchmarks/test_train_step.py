@@ -10,8 +10,15 @@ The same table prints from ``python scripts/gpu_train_step.py``.
 import pytest
 import torch
 
+from benchmarks.reference_step import (
+    ReferenceOps,
+    TrainStep,
+    largest_batch,
+    make_batch,
+    measure,
+    qwen3_4b_target_config,
+)
 from d2sd.models import build_drafter
-from d2sd.models.reference import ReferenceOps, TrainStep, largest_batch, make_batch, measure, qwen3_4b_target_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

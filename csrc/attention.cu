@@ -4,7 +4,7 @@
 //     cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j
 // or alone:  nvcc -O2 -shared -Xcompiler -fPIC -arch=sm_90 csrc/attention.cu -o libattn.so
 //
-// Semantics (SPEC.md "Attention"): q [Bt, NB, Hq, D] (NB = N*B), k/v_ctx [Bt, S, Hkv, D],
+// Semantics (docs/semantics.md "Attention mask"): q [Bt, NB, Hq, D] (NB = N*B), k/v_ctx [Bt, S, Hkv, D],
 // k/v_draft [Bt, NB, Hkv, D]. Query slot i belongs to block n = i / B; it sees context keys
 // j < anchor[n] and the B draft slots n*B .. n*B+B-1 (so anchor[n] + B keys, listed as
 // u < anchor: context u, else draft slot n*B + u - anchor). A dummy block (keep = 0) sees

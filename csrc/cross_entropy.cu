@@ -4,7 +4,7 @@
 //     cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j
 // or alone:  nvcc -O2 -shared -Xcompiler -fPIC -arch=sm_90 csrc/cross_entropy.cu -o libce.so
 //
-// Semantics (SPEC.md "Labels, supervision and decay"): hidden [T, H], weight [V, H], labels [T],
+// Semantics (docs/semantics.md "Labels, supervision and decay"): hidden [T, H], weight [V, H], labels [T],
 // token weights w [T] (float32, w = 0: unsupervised, never read). z = hidden @ weight^T, optionally
 // softcapped zc = c * tanh(z / c); lse_t = logsumexp_v zc; num = sum_t w_t (lse_t - zc[t, label_t]),
 // den = sum_t w_t. Backward: d num / d z[t, v] = g w_t (softmax_v - [v == label_t]) dzc/dz.

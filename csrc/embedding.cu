@@ -4,7 +4,7 @@
 //     cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j
 // or alone:  nvcc -O2 -shared -Xcompiler -fPIC -arch=sm_90 csrc/embedding.cu -o libemb.so
 //
-// Semantics (SPEC.md "Draft slots"): slot k of block n of sample b holds token
+// Semantics (docs/semantics.md "Draft slots"): slot k of block n of sample b holds token
 // input_ids[b, anchor + k] if k < prefix_lens[b, n] and keep[b, n] and anchor + k < S, else
 // mask_token_id; its embedding is weight[token]. Row r = b*N*B + n*B + k of out [Bt*N*B, H].
 // Index tensors are contiguous int64 (keep: uint8), as d2kernels/cuda.py passes them.

@@ -6,11 +6,10 @@ Shapes: batch ``Bt``, sequence ``S``, anchors per sample ``N``, block size ``B``
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
-
-import math
 
 from ._checks import check_block_size, check_int_tensor, check_range, check_same_device
 

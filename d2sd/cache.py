@@ -35,6 +35,12 @@ from typing import Sequence
 
 import torch
 
+from .assets import tiny_target_path
+from .config import default_target_layer_ids, get_preset
+from .data import builtin_prompts, collate, has_anchor_run, load_chat_data, regenerate_with_target, tokenize_chat
+from .models.families import text_config
+from .target import LayerCapture, find_backbone, load_target, num_target_layers
+
 CACHE_VERSION = 2
 INDEX_RECORD = struct.Struct("<QIIQQQQQ")
 INDEX_RECORD_SIZE = INDEX_RECORD.size  # 56
@@ -202,8 +208,6 @@ class TargetCache(torch.utils.data.Dataset):
         (a truncated shard) or a token id outside ``[0, vocab_size)``. Reads the index, the token
         ids and the loss masks, not the hidden states (their bounds come from the file sizes).
         """
-        from .data import has_anchor_run
-
         sizes = {k: os.path.getsize(f) for k, f in self._shard_files.items()}
         LH = len(self.target_layer_ids) * self.hidden_size
         item = torch.empty((), dtype=self.hidden_dtype).element_size()
@@ -312,9 +316,6 @@ def write_cache(out, target, tokenizer, samples: Sequence[dict], layer_ids: Sequ
     """
     from tqdm.auto import tqdm
 
-    from .data import collate
-    from .target import LayerCapture, _backbone
-
     out = os.path.abspath(os.fspath(out))
     if hidden_dtype not in HIDDEN_DTYPES:
         raise ValueError(f"hidden_dtype must be one of {sorted(HIDDEN_DTYPES)}, got {hidden_dtype!r}")
@@ -325,7 +326,7 @@ def write_cache(out, target, tokenizer, samples: Sequence[dict], layer_ids: Sequ
         raise FileExistsError(f"cache output directory is not empty: {out}")
     os.makedirs(out, exist_ok=True)
 
-    backbone = _backbone(target)
+    backbone = find_backbone(target)
     device = next(target.parameters()).device
     keep = [s for s in samples if int(torch.as_tensor(s["loss_mask"]).sum()) >= max(min_loss_tokens, 0)]
     writer = _ShardWriter(out, shard_size)
@@ -356,7 +357,7 @@ def write_cache(out, target, tokenizer, samples: Sequence[dict], layer_ids: Sequ
         bar.close()
         writer.close()
     if hidden_size is None:
-        hidden_size = int(getattr(target.config, "hidden_size", 0) or target.config.get_text_config().hidden_size)
+        hidden_size = int(text_config(target).hidden_size)
     manifest = {
         "version": CACHE_VERSION,
         "num_samples": writer.num_samples,
@@ -382,8 +383,6 @@ def write_cache(out, target, tokenizer, samples: Sequence[dict], layer_ids: Sequ
 def preset_layer_ids(preset: str, num_layers: int) -> list[int]:
     """The target layers a drafter of ``preset`` reads from a ``num_layers``-layer target, so that
     ``train --cache`` with the same preset finds them: the preset's own, else build_drafter's default."""
-    from .config import default_target_layer_ids, get_preset
-
     drafter = get_preset(preset)["drafter"]
     ids = drafter.get("target_layer_ids")
     return list(ids) if ids else default_target_layer_ids(num_layers, drafter.get("num_draft_layers", 5))
@@ -413,12 +412,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="target device")
     args = p.parse_args(argv)
 
-    from .data import load_chat_data, regenerate_with_target, tokenize_chat
-    from .target import load_target, num_target_layers
-
     if args.target is None:
-        from .assets import tiny_target_path
-
         args.target = tiny_target_path()
     model, tokenizer = load_target(args.target, device=args.device)
     layer_ids = args.layer_ids or preset_layer_ids(args.preset, num_target_layers(model))
@@ -426,8 +420,6 @@ def main(argv=None) -> None:
         samples, stats = load_chat_data(args.data, tokenizer, max_length=args.max_length)
         sources = [os.path.abspath(args.data)]
     else:
-        from .data import builtin_prompts
-
         records = regenerate_with_target(model, tokenizer, builtin_prompts(args.num_prompts, args.seed),
                                          max_new_tokens=args.max_new_tokens)
         samples = [tokenize_chat(r, tokenizer, args.max_length) for r in records]

@@ -27,8 +27,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .models.base import CONFIG_NAME, write_json
-from .models.checkpoint import WEIGHTS_INDEX_NAME, readable_by_all, shard_name
+from .models.checkpoint import CONFIG_NAME, WEIGHTS_INDEX_NAME, readable_by_all, shard_name, write_json
 
 __all__ = [
     "CorruptCheckpoint",

@@ -22,10 +22,11 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .assets import tiny_target_path
+from .chat import chat_messages
 from .corpus import make_problems
-
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
-
+from .regenerate import ServerGenerator, TargetGenerator, regenerate_file
+from .target import generate, load_target, resolve_model
 
 # ----------------------------------------------------------------------------- built-in corpus
 
@@ -49,8 +50,6 @@ def _chat_record(prompt: str, answer: str) -> dict:
 def regenerate_with_target(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64,
                            batch_size: int = 32) -> list[dict]:
     """Chat records whose assistant turn is the target's greedy answer to each prompt."""
-    from .target import generate
-
     answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return [_chat_record(p, a) for p, a in zip(prompts, answers)]
 
@@ -68,9 +67,6 @@ def default_corpus(n: int = 256, seed: int = 0, target=None, tokenizer=None, max
     if not regenerate:
         return builtin_records(n, seed)
     if target is None:
-        from .assets import tiny_target_path
-        from .target import load_target
-
         target, loaded_tok = load_target(tiny_target_path())
         tokenizer = tokenizer or loaded_tok
     if tokenizer is None:
@@ -79,30 +75,6 @@ def default_corpus(n: int = 256, seed: int = 0, target=None, tokenizer=None, max
 
 
 # ----------------------------------------------------------------------------- tokenization
-
-def _messages(record: dict) -> list[dict]:
-    turns = record.get("messages", record.get("conversations")) if isinstance(record, dict) else None
-    if not isinstance(turns, list):
-        raise ValueError("record has no 'messages' (or 'conversations') list")
-    out = []
-    for turn in turns:
-        if not isinstance(turn, dict):
-            raise ValueError(f"a turn must be an object, got {type(turn).__name__}")
-        role = turn.get("role", turn.get("from"))
-        content = turn.get("content", turn.get("value"))
-        if isinstance(content, list):  # OpenAI-style parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content
-                              if isinstance(p, dict) and p.get("type", "text") == "text")
-        if not isinstance(role, str) or not isinstance(content, str):
-            raise ValueError(f"a turn needs string 'role' and 'content', got {sorted(turn)}")
-        msg = {"role": ROLE_ALIASES.get(role, role), "content": content}
-        # Thinking turns: templates with reasoning render ``reasoning_content`` (DeepSpec writes ``thinking``).
-        reasoning = turn.get("reasoning_content", turn.get("thinking"))
-        if isinstance(reasoning, str) and reasoning:
-            msg["reasoning_content"] = reasoning
-        out.append(msg)
-    return out
-
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -131,7 +103,7 @@ def _assistant_char_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int
 
 def _tokenize(record: dict, tokenizer, max_length: int | None) -> tuple[dict, bool, bool]:
     """``(sample, truncated, supervised before the cut)``."""
-    messages = _messages(record)
+    messages = chat_messages(record)
     text, spans = _assistant_char_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
@@ -523,15 +495,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "regenerate":
-            from .regenerate import ServerGenerator, TargetGenerator, regenerate_file
-
             if args.server:
                 gen = ServerGenerator(args.server, args.model, args.max_new_tokens, args.temperature, args.top_p,
                                       args.thinking, args.concurrency)
                 chunk = max(args.concurrency, 1) * 4
             else:
-                from .target import load_target, resolve_model
-
                 device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
                 model, tok = load_target(resolve_model(args.target), device=device)
                 gen = TargetGenerator(model, tok, args.max_new_tokens, args.temperature, args.top_p, args.batch_size,
@@ -542,11 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1 if stats["errors"] else 0
         from transformers import AutoTokenizer
 
-        from .target import resolve_model
-
         if args.target is None:
-            from .assets import tiny_target_path
-
             args.target = tiny_target_path()
         tok = AutoTokenizer.from_pretrained(resolve_model(args.target))
         ds = tokenize_chat_dataset(args.data, tok, args.max_length, num_proc=args.num_proc, out=args.out)

@@ -1,7 +1,7 @@
 """Data parallelism for the trainer: process group setup, DDP / FSDP2 wrapping, global loss sums.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank trains on its share of each global batch. The
-loss is normalized by the *global* Σw (SPEC): each rank backpropagates ``loss_num * world_size``,
+loss is normalized by the *global* Σw (docs/semantics.md, "Loss and its normalization"): each rank backpropagates ``loss_num * world_size``,
 the gradients are averaged by DDP / FSDP, and the trainer divides them by ``global_den + 1e-6``
 once all micro-batches are in, which makes the averaged gradient the gradient of the global
 weighted mean ``Σ_all w·CE / (Σ_all w + 1e-6)``.

@@ -39,7 +39,15 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from . import cli, train
+from .assets import tiny_target_path
+from .chat import chat_messages
+from .checkpoint import output_path_problem
+from .cli import UsageError
+from .data import builtin_prompts, decode_line, default_corpus, write_chat_jsonl
+from .models import load_drafter
 from .specdec import METHODS, DecodeResult, SlotDrafter, TargetVerifier, check_drafters, decode
+from .target import load_target, resolve_model
 
 __all__ = ["main", "build_parser", "summarize", "load_prompt_file", "encode_prompt", "evaluate"]
 
@@ -47,12 +55,8 @@ SCHEMA_VERSION = 1
 DEFAULT_DRAFTER_CACHE = Path("runs") / "eval-drafters"
 
 
-class UsageError(Exception):
-    """Bad input found before decoding: printed without a traceback."""
-
-
 def log(msg: str) -> None:
-    print(f"[d2sd.eval] {msg}", flush=True)
+    cli.log(msg, prefix="d2sd.eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,10 +120,8 @@ def encode_prompt(tokenizer, item: Any) -> list[int]:
     elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
         messages = [{"role": "user", "content": item["prompt"]}]
     elif isinstance(item, dict) and ("messages" in item or "conversations" in item):
-        from .data import _messages
-
         # the training data's parser: same role aliases and content-part handling
-        messages = _messages(item)
+        messages = chat_messages(item)
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages:
@@ -137,8 +139,6 @@ def encode_prompt(tokenizer, item: Any) -> list[int]:
 
 def load_prompt_file(path: str) -> list[Any]:
     """Records of a prompts JSONL file; malformed lines raise ``UsageError`` naming file and line."""
-    from .data import decode_line
-
     if not Path(path).is_file():
         raise UsageError(f"--data {path}: not a file (pass a prompts JSONL file)")
     items = []
@@ -164,8 +164,6 @@ TRAIN_SEED = 11  # the embedded drafters' training prompts: disjoint from both e
 
 
 def _builtin_prompts(seed: Optional[int] = None) -> list[Any]:
-    from .data import builtin_prompts
-
     return list(builtin_prompts() if seed is None else builtin_prompts(seed=seed))
 
 
@@ -196,16 +194,11 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _load_target(path: str, device: torch.device, dtype: torch.dtype):
-    from .target import load_target
-
     model, tokenizer = load_target(path, device, dtype)
     return model.eval(), tokenizer
 
 
 def _load_drafter(path: str, target, device: torch.device, dtype: torch.dtype):
-    from .models import load_drafter
-    from .target import resolve_model
-
     try:
         path = resolve_model(path)
     except FileNotFoundError as e:
@@ -236,8 +229,6 @@ def _training_corpus(args, target_path: str, target, tokenizer) -> Optional[Path
     """Chat JSONL of the target's answers to ``--train-prompts`` built-in prompts (made once, cached)."""
     if args.train_prompts <= 0:
         return None
-    from .data import default_corpus, write_chat_jsonl
-
     digest = _file_digest(Path(target_path))
     path = Path(args.drafter_cache) / f"corpus-n{args.train_prompts}-seed{TRAIN_SEED}-{digest}.jsonl"
     if not path.is_file():
@@ -265,8 +256,6 @@ def embedded_drafters(args, target_path: str, target, tokenizer) -> tuple[str, s
     size and seed; they differ only in the D2 feature (and ``--dflash-labels`` for the DFlash one).
     The cache key covers the target files and every knob given here.
     """
-    from . import train
-
     corpus = _training_corpus(args, target_path, target, tokenizer)
     paths = {}
     for name, d2 in (("dflash", False), ("vp", True)):
@@ -446,8 +435,6 @@ def evaluate(
 
 def check_output_path(path: Path, what: str) -> None:
     """Refuse, before any work, an output path that is a directory or lies under a file / read-only dir."""
-    from .checkpoint import output_path_problem
-
     problem = "is a directory, expected a file path" if path.is_dir() else output_path_problem(path.parent)
     if problem:
         raise UsageError(f"{what} {path}: {problem}")
@@ -486,8 +473,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         dtype = _dtype(args.dtype, device)
         target_path = args.target
         if target_path is None:
-            from .assets import tiny_target_path
-
             target_path = str(tiny_target_path())
         need_dflash = any(m in ("dflash", "d2sd") for m in methods)
         need_vp = "d2sd" in methods

@@ -23,6 +23,11 @@ import shutil
 import sys
 from typing import Optional, Sequence
 
+from .checkpoint import output_path_problem
+from .models import load_drafter
+from .models.checkpoint import CONFIG_NAME, check_dflash_exportable, detect_format, read_json
+from .target import load_causal_lm
+
 __all__ = ["export_checkpoint", "main"]
 
 
@@ -35,8 +40,6 @@ def _check_paths(ckpt: str, out: str, overwrite: bool) -> None:
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise ValueError(f"output folder {out} is not empty ({', '.join(sorted(os.listdir(out))[:4])}): "
                          "pick another, or pass --overwrite to replace it")
-    from .checkpoint import output_path_problem
-
     problem = output_path_problem(os.path.dirname(os.path.abspath(out)))
     if problem:
         raise ValueError(f"output {out}: {problem}")
@@ -46,10 +49,6 @@ def export_checkpoint(ckpt: str, out: str, format: str, target=None, overwrite: 
     """Load ``ckpt`` (either format; ``target`` = a transformers model, needed for dflash input) and
     write it to ``out`` in ``format`` (atomically: a temp folder renamed into place). Returns the
     format of the input."""
-    from .models import load_drafter
-    from .models.base import CONFIG_NAME, read_json
-    from .models.checkpoint import check_dflash_exportable, detect_format
-
     _check_paths(ckpt, out, overwrite)
     drafter = load_drafter(ckpt, target=target)  # raises on folders of neither format
     src_format = detect_format(read_json(os.path.join(ckpt, CONFIG_NAME)))
@@ -74,8 +73,6 @@ def export_checkpoint(ckpt: str, out: str, format: str, target=None, overwrite: 
 
 
 def _load_target(path: str):
-    from .target import load_causal_lm
-
     # Only embed_tokens / lm_head are read: keep the checkpoint's dtype, on CPU.
     return load_causal_lm(path, dtype="auto")
 
@@ -103,8 +100,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"python -m d2sd.export: error: {e}{hint}", file=sys.stderr)
         return 2
     if args.format == "dflash":
-        from .models.base import CONFIG_NAME, read_json
-
         untrained = read_json(os.path.join(args.out, CONFIG_NAME)).get("d2sd_untrained_slots")
         if untrained:
             print(f"warning: {args.ckpt} is a D2 (VP) drafter: slot(s) {untrained} were never trained; a plain "

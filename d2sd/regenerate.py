@@ -27,6 +27,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
+from .chat import chat_messages
+from .target import generate_chat
+
 __all__ = ["split_thinking", "ServerGenerator", "TargetGenerator", "regenerate_records", "regenerate_file"]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -112,17 +115,13 @@ class TargetGenerator:
                        seed=seed, template_kwargs=None if enable_thinking is None else {"enable_thinking": enable_thinking})
 
     def __call__(self, chats: Sequence[list[dict]]) -> list:
-        from .target import generate_chat
-
         return [_assistant(c, r) for r, c in map(split_thinking, generate_chat(self.model, self.tokenizer, chats, **self.kw))]
 
 
 def _prompt_turns(record: dict) -> tuple[str, list[dict]]:
     """(key of the turn list, its system/user turns in order); ValueError on a record without a user turn."""
-    from .data import _messages
-
     key = "messages" if "messages" in record else "conversations"
-    turns = [t for t in _messages(record) if t["role"] != "assistant"]
+    turns = [t for t in chat_messages(record) if t["role"] != "assistant"]
     if not any(t["role"] == "user" for t in turns):
         raise ValueError("record has no user turn to answer")
     return key, turns
@@ -207,7 +206,7 @@ def regenerate_file(data: str, out: str, generate: Callable, chunk_size: int = 2
     with open(out, "a", encoding="utf-8") as fo, open(err_path, "w", encoding="utf-8") as fe:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]
-            for (i, r), res in zip(chunk, regenerate_records([r for _, r in chunk], generate)):
+            for (i, _), res in zip(chunk, regenerate_records([r for _, r in chunk], generate)):
                 if isinstance(res, Exception):
                     fe.write(json.dumps({"id": i, "error": f"{type(res).__name__}: {res}"}) + "\n")
                     stats["errors"] += 1

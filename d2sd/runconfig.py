@@ -14,7 +14,20 @@ import io
 import json
 from typing import Any, Iterable
 
-__all__ = ["read_config", "dump_config"]
+__all__ = ["read_config", "dump_config", "DRAFTER_KNOBS"]
+
+
+# Fields of DrafterConfig that are training knobs (build_drafter kwargs); the transformer dims
+# come from the target. enable_d2_feature / dflash_labels / backend have their own options.
+DRAFTER_KNOBS = {
+    "num_draft_layers": "number of drafter decoder layers",
+    "target_layer_ids": "target layers whose hidden states feed the drafter (-1 = embeddings)",
+    "block_size": "draft block size B (anchor + B-1 slots)",
+    "mask_token_id": "token id of [MASK] in the draft slots",
+    "num_anchors": "anchors (blocks) sampled per sequence",
+    "d2_prefix_weight_base": "D2 prefix-length law P(p) ~ base**p (base < 1 favours short prefixes)",
+    "loss_decay_gamma": "loss weight decay exp(-offset/gamma) along the block (<= 0: none)",
+}
 
 
 def _options(parser: argparse.ArgumentParser, excluded: Iterable[str]) -> dict[str, argparse.Action]:
@@ -88,8 +101,6 @@ def read_config(path: str, parser: argparse.ArgumentParser, excluded: Iterable[s
 def dump_config(run) -> str:
     """The resolved options of ``run`` (a ``d2sd.train.Run``) as a ``--config`` file (YAML when pyyaml
     is installed, else JSON): preset, run options, every TrainConfig field, the drafter knobs set."""
-    from .train import DRAFTER_KNOBS
-
     run_keys = ("preset", "target", "data", "cache", "out", "device", "backend", "fsdp", "report_to")
     conf: dict[str, Any] = {"preset": run.preset}
     conf.update({k: run.opts[k] for k in run_keys[1:] if k in run.opts})

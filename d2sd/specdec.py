@@ -37,6 +37,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from .models.families import text_config
+from .target import LayerCapture
+
 __all__ = [
     "METHODS",
     "label_offset",
@@ -51,11 +54,6 @@ __all__ = [
 ]
 
 METHODS = ("greedy", "dflash", "d2sd")
-
-
-def _text_config(cfg):
-    # Multimodal targets (Gemma) keep the language-model fields in a sub-config.
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
 def label_offset(config) -> int:
@@ -94,7 +92,7 @@ def rank_prefix_lengths(conf: Sequence[float], k: int, max_prefix: int) -> list[
 
 def check_drafters(target_config, dflash=None, vp=None, k: Optional[int] = None) -> None:
     """Raise ``ValueError`` when a drafter does not fit the target or the two drafters disagree."""
-    tc = _text_config(target_config)
+    tc = text_config(target_config)
     vocab, hidden, n_layers = tc.vocab_size, tc.hidden_size, tc.num_hidden_layers
     for name, d in (("DFlash drafter", dflash), ("VP drafter", vp)):
         if d is None:
@@ -173,8 +171,6 @@ class TargetVerifier:
             kw[self._cache_kw] = cache
         if not (want_hidden and self.layer_ids):
             return self.model(input_ids=ids, **kw).logits, None
-        from .target import LayerCapture
-
         # The same hooks as training's feature extraction: the last layer's output is taken
         # before the final norm (HF's hidden_states[-1] is after it).
         with LayerCapture(self.model, self.layer_ids) as cap:

@@ -1,6 +1,6 @@
 """The frozen target model: loading, hidden-state features for the drafter, greedy generation.
 
-Layer ids follow SPEC.md (and DeepSpec's ``target_extract``): ``-1`` is the embedding output,
+Layer ids follow docs/semantics.md (and DeepSpec's ``target_extract``): ``-1`` is the embedding output,
 ``l >= 0`` is the output of decoder layer ``l``. For ``l < num_hidden_layers - 1`` that is Hugging
 Face's ``hidden_states[l + 1]``; for the last layer Hugging Face applies the final norm to
 ``hidden_states[-1]`` while we return the raw layer output, as DeepSpec's forward hooks do.
@@ -84,7 +84,7 @@ def load_target(path, device="cpu", dtype: torch.dtype | None = None):
     return model, tokenizer
 
 
-def _backbone(model):
+def find_backbone(model):
     """The decoder stack (``.layers``, ``.embed_tokens``) of a CausalLM or a bare backbone."""
     for candidate in (getattr(model, "model", None), model):
         if candidate is None:
@@ -97,7 +97,7 @@ def _backbone(model):
 
 
 def num_target_layers(model) -> int:
-    return len(_backbone(model).layers)
+    return len(find_backbone(model).layers)
 
 
 def validate_layer_ids(layer_ids: Iterable[int], num_layers: int) -> list[int]:
@@ -138,7 +138,7 @@ class LayerCapture:
     """
 
     def __init__(self, model, layer_ids: Sequence[int], stop_after_last: bool = False):
-        self.backbone = _backbone(model)
+        self.backbone = find_backbone(model)
         self.layer_ids = validate_layer_ids(layer_ids, len(self.backbone.layers))
         self.stop_after_last = stop_after_last
         self.captured: dict[int, torch.Tensor] = {}
@@ -184,7 +184,7 @@ def target_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.T
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [Bt, S], got shape {tuple(input_ids.shape)}")
-    backbone = _backbone(model)
+    backbone = find_backbone(model)
     cap = LayerCapture(model, layer_ids, stop_after_last=True)
     with cap:
         backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

@@ -41,31 +41,24 @@ import torch
 import d2kernels
 
 from . import checkpoint as ckpt
+from . import data
 from . import distributed as ddist
+from .assets import tiny_target_path
+from .cache import TargetCache
+from .cli import UsageError, log
+from .config import PRESETS, DrafterConfig, TrainConfig, get_preset
 from .data import collate as pad_batch
-from .config import TrainConfig, get_preset, PRESETS
+from .data import has_anchor_run, tokenize_chat
 from .models import build_drafter
 from .models.checkpoint import TARGET_PARTS, drafter_json, drafter_state_dict, read_weights
+from .runconfig import DRAFTER_KNOBS, dump_config, read_config
+from .target import load_target, resolve_model, target_hidden_states
+from .trackers import check_report_to, open_trackers, parse_report_to
 
 __all__ = ["main", "build_parser", "resolve_run", "Batcher", "forward_backward", "make_scheduler"]
 
-# Fields of DrafterConfig that are training knobs (build_drafter kwargs); the transformer dims
-# come from the target. enable_d2_feature / dflash_labels / backend have their own options.
-DRAFTER_KNOBS = {
-    "num_draft_layers": "number of drafter decoder layers",
-    "target_layer_ids": "target layers whose hidden states feed the drafter (-1 = embeddings)",
-    "block_size": "draft block size B (anchor + B-1 slots)",
-    "mask_token_id": "token id of [MASK] in the draft slots",
-    "num_anchors": "anchors (blocks) sampled per sequence",
-    "d2_prefix_weight_base": "D2 prefix-length law P(p) ~ base**p (base < 1 favours short prefixes)",
-    "loss_decay_gamma": "loss weight decay exp(-offset/gamma) along the block (<= 0: none)",
-}
 # Run options replayed on --resume (everything but where to resume from and the one-shot actions).
 NOT_REPLAYED = {"resume", "config", "print_config"}
-
-
-class UsageError(Exception):
-    """Bad input found before training starts: printed without a traceback, nothing is lost."""
 
 
 class NonFinite(RuntimeError):
@@ -75,11 +68,6 @@ class NonFinite(RuntimeError):
 # Exit status of a run stopped by a fault found while training (non-finite values, a failed save);
 # 2 is bad input found before the first step.
 EXIT_STOPPED = 3
-
-
-def log(msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # one copy of each message under torchrun
-        print(f"[d2sd] {msg}", flush=True)
 
 
 # ============================================================================ config
@@ -125,8 +113,6 @@ def _add_dataclass_options(group, cls, names: dict[str, str] | None = None) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import DrafterConfig
-
     # SUPPRESS: only options given on the command line appear, so presets and a resumed run's
     # saved options can be layered under them.
     p = argparse.ArgumentParser(
@@ -197,8 +183,6 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
     parser = build_parser()
     given = vars(parser.parse_args(argv))
     if "config" in given:
-        from .runconfig import read_config
-
         try:
             given = {**read_config(given["config"], parser, NOT_REPLAYED), **given}
         except ValueError as e:
@@ -220,8 +204,6 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
     else:
         opts = {k: v for k, v in given.items() if k not in NOT_REPLAYED}
     if "report_to" in opts:
-        from .trackers import check_report_to
-
         try:
             check_report_to(opts["report_to"])
         except (ValueError, ImportError) as e:
@@ -354,15 +336,9 @@ def _check_resume_changes(state: dict, opts: dict, t: TrainConfig, drafter_args:
 
 def load_target_model(run: Run, device: torch.device):
     """``(model, tokenizer)``: a frozen target, bf16 on GPU, fp32 on CPU; clear error when missing."""
-    from .target import load_target
-
     path = run.target
     if path is None:
-        from .assets import tiny_target_path
-
         path = tiny_target_path()
-    from .target import resolve_model
-
     try:
         path = resolve_model(path)
     except FileNotFoundError as e:
@@ -422,8 +398,6 @@ def fill_mask_token(run: Run, tokenizer) -> None:
 
 def load_examples(run: Run, target, tokenizer):
     """Training samples ``{input_ids, loss_mask[, target_hidden]}`` (a list, or a lazy cache view)."""
-    from . import data
-
     t = run.train
     try:
         if run.cache is not None:
@@ -461,8 +435,6 @@ def _anchor_run(run: Run) -> int:
 
 
 def _check_learnable(run: Run, loss_masks) -> None:
-    from .data import has_anchor_run
-
     need = _anchor_run(run)
     if not any(has_anchor_run(m, need) for m in loss_masks):
         raise UsageError(f"no training record has {need} consecutive assistant tokens (an anchor and a token to "
@@ -474,8 +446,6 @@ EMBEDDED_PROMPTS = 256
 
 def _tokenize_records(records, tokenizer, max_length: int) -> tuple[list[dict], dict]:
     """In-memory chat records -> samples, with the same stats as ``data.load_chat_jsonl``."""
-    from .data import tokenize_chat
-
     samples, stats = [], {"records": len(records), "samples": 0, "skipped_no_assistant": 0,
                           "skipped_past_max_length": 0, "truncated": 0}
     for r in records:
@@ -509,8 +479,6 @@ class _CacheSamples:
 
 
 def _cache_samples(run: Run, target) -> _CacheSamples:
-    from .cache import TargetCache
-
     try:
         cache = TargetCache(run.cache)
     except FileNotFoundError as e:
@@ -699,8 +667,6 @@ def online_features(target, layer_ids: list[int]) -> Callable[[dict], torch.Tens
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from .target import target_hidden_states
-
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
     def features(batch: dict) -> torch.Tensor:
@@ -747,7 +713,7 @@ def forward_backward(
 
     Each micro-batch backpropagates ``loss_num * world_size``; DDP / FSDP average over ranks and
     the gradients are then divided by the global ``Σw + 1e-6``: the result is the gradient of the
-    global weighted mean, whatever the split over ranks and micro-batches (SPEC). With ``grad_clip``
+    global weighted mean, whatever the split over ranks and micro-batches (docs/semantics.md). With ``grad_clip``
     (``<= 0``: norm only) the global gradient norm is computed and clipped too. The sums, the
     scaling and the clipping stay on the device; the step reads them back in one transfer at its end.
     The batch ids were checked on the host (``check_token_ids``), so the model runs with the
@@ -955,8 +921,6 @@ class Metrics:
             self.rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
         # Replaced, never rewritten in place: a kill mid-write leaves the old history whole.
         _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
-        from .trackers import open_trackers, parse_report_to
-
         names = parse_report_to(report_to)
         self.trackers = open_trackers(names, out, config, resume_step, required=[] if report_to == "tensorboard" else names, log=log)
 
@@ -1233,8 +1197,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         run = resolve_run(argv)
         if run.print_config:
-            from .runconfig import dump_config
-
             print(dump_config(run), end="")
             return 0
         info = ddist.setup(run.device)

@@ -24,7 +24,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import AttentionInterface, Qwen3Config  # noqa: E402
 from transformers.models.qwen3.modeling_qwen3 import (  # noqa: E402
-    ALL_ATTENTION_FUNCTIONS, Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding, apply_rotary_pos_emb,
+    ALL_ATTENTION_FUNCTIONS,
+    Qwen3MLP,
+    Qwen3RMSNorm,
+    Qwen3RotaryEmbedding,
+    apply_rotary_pos_emb,
 )
 
 from d2kernels import layout  # noqa: E402

@@ -11,9 +11,10 @@ import torch
 
 sys.path.insert(0, os.getcwd())
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_cross_entropy import make  # noqa: E402  (the benchmark's inputs)
+
 import d2kernels.cross_entropy.triton as ce_triton  # noqa: E402
 from d2kernels.cross_entropy import decayed_cross_entropy  # noqa: E402
-from gpu_cross_entropy import make  # noqa: E402  (the benchmark's inputs)
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--sup", type=float, default=1.0, help="supervised fraction")

@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 scripts/gpu_attention.py [--sweep] [--skip-check] [--out DIR]
 
 1. Correctness: ours vs the float64 naive reference, forward and all five gradients, next to the
-   naive torch computation in the same dtype (SPEC: ours <= 2x that and <= 2e-2; fp32 <= 1e-4).
+   naive torch computation in the same dtype (docs/semantics.md: ours <= 2x that and <= 2e-2; fp32 <= 1e-4).
 2. Timing (``triton.testing.do_bench``, median, random data; "(sync/round)": a synchronize after
    each call, as a pytest-benchmark round) at qwen3-4b-b7 / b16: our kernels, the public op as the
    drafter calls it (layout prebuilt, validation off) eager and inside ``torch.compile``, compiled
@@ -80,7 +80,7 @@ def naive(*a, block_size):
 
 
 def plain(q, kc, vc, kd, vd, anchors, keep, block_size):
-    """The plain torch computation in the inputs' dtype (no upcast): SPEC's low-precision baseline."""
+    """The plain torch computation in the inputs' dtype (no upcast): the acceptance's low-precision baseline (docs/semantics.md)."""
     G = q.shape[2] // kc.shape[2]
     k = torch.cat([kc, kd], 1).repeat_interleave(G, 2)
     v = torch.cat([vc, vd], 1).repeat_interleave(G, 2)

@@ -16,8 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from d2sd.models import build_drafter  # noqa: E402
-from d2sd.models.reference import (  # noqa: E402
+from benchmarks.reference_step import (  # noqa: E402
     ReferenceOps,
     TrainStep,
     largest_batch,
@@ -26,6 +25,7 @@ from d2sd.models.reference import (  # noqa: E402
     qwen3_4b_target_config,
     tiny_target_config,
 )
+from d2sd.models import build_drafter  # noqa: E402
 
 
 def parse_args(argv=None):

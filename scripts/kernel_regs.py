@@ -32,6 +32,7 @@ sys.path.insert(0, os.getcwd())
 import d2kernels  # noqa: E402
 import d2kernels.cross_entropy.triton as ce_triton  # noqa: E402
 
+
 def capture(run_op):
     """Run ``run_op()`` with every Triton launch recorded instead of executed -> [(fn, args, kwargs)]."""
     seen = []
@@ -164,7 +165,7 @@ def main():
     print("| kernel | constexprs | warps/stages | registers | spill stack (B/thread) | shared (B) |")
     print("|---|---|---|---|---|---|")
     done = set()
-    for op, run_op in ops(args.ops).items():
+    for run_op in ops(args.ops).values():
         for fn, a, kw in capture(run_op):
             regs, stack, smem, opts, key = resource_usage(fn, a, kw, args.arch, args.sass)
             row = (fn.__name__, key, opts.get("num_warps", 4), opts.get("num_stages", 3))

@@ -21,7 +21,8 @@ stub = types.SimpleNamespace(
 A.fast_impl = lambda impl, op: stub
 Bt, S, N, B, Hq, Hkv, D = 1, 64, 8, 7, 4, 2, 16
 q = torch.randn(Bt, N*B, Hq, D, requires_grad=True)
-kc = torch.randn(Bt, S, Hkv, D, requires_grad=True); kd = torch.randn(Bt, N*B, Hkv, D, requires_grad=True)
+kc = torch.randn(Bt, S, Hkv, D, requires_grad=True)
+kd = torch.randn(Bt, N*B, Hkv, D, requires_grad=True)
 a, keep = d2kernels.sample_anchors(torch.ones(Bt, S, dtype=torch.bool), N)
 lay = d2kernels.varprefix_layout(a, keep, block_size=B, seq_len=S)
 
@@ -39,7 +40,8 @@ def run(path, checks, layout, backward=True):
             o.backward(o)
     for _ in range(50):
         once()
-    t = time.perf_counter(); n = 500
+    n = 500
+    t = time.perf_counter()
     for _ in range(n):
         once()
     return (time.perf_counter() - t) / n * 1e6

@@ -81,7 +81,7 @@ def reference(ins, anchors, keep, do, B):
 
 
 def check(outs, refs, dtype, baseline=None):
-    """fp32: <= 1e-4 relative; fp16/bf16: <= 2x the naive same-dtype error and <= 2e-2 (SPEC)."""
+    """fp32: <= 1e-4 relative; fp16/bf16: <= 2x the naive same-dtype error and <= 2e-2 (docs/semantics.md)."""
     for i, (name, out, ref) in enumerate(zip(NAMES, outs, refs)):
         assert out.shape == ref.shape and out.dtype == dtype, name
         err = rel_err(out, ref)

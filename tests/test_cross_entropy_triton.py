@@ -1,20 +1,19 @@
 """``decayed_cross_entropy(backend="triton")`` against the float64 naive reference.
 
 CPU: the Triton interpreter at small V/H in fp32/fp16 (bf16 ``tl.dot`` is broken there).
-GPU: bf16 at real vocabulary sizes, acceptance per SPEC (error <= 2x plain torch bf16, <= 2e-2).
+GPU: bf16 at real vocabulary sizes, acceptance per docs/semantics.md (error <= 2x plain torch bf16, <= 2e-2).
 """
 import dataclasses
 
 import pytest
 import torch
-
 import triton
 import triton.language as tl
 
 import d2kernels.cross_entropy.triton as ce_triton
-from d2kernels.cross_entropy.triton import _wait_count
-from d2kernels.cross_entropy import CEOptions, decayed_cross_entropy
 from d2kernels import validation
+from d2kernels.cross_entropy import CEOptions, decayed_cross_entropy
+from d2kernels.cross_entropy.triton import _wait_count
 from d2kernels.layout import decay_weights
 from tests.utils import rel_err
 
@@ -257,7 +256,7 @@ def reference(h, W, *args, **kw):
 
 
 def assert_like_torch(dt, ours, lowp, ref):
-    """SPEC acceptance for ``(num, dhidden, dweight)``: fp32 within 1e-4 of float64; 16-bit within
+    """Acceptance (docs/semantics.md) for ``(num, dhidden, dweight)``: fp32 within 1e-4 of float64; 16-bit within
     2x the error of plain torch in that dtype (floor 1e-4) and within 2e-2."""
     for name, a, t, b in zip(("num", "dhidden", "dweight"), ours, lowp, ref):
         err = rel_err(a, b)

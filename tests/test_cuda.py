@@ -25,7 +25,7 @@ needs_gpu_lib = pytest.mark.skipif(
 
 
 def check_close(out, ref64, torch_same_dtype, dtype, what):
-    """SPEC acceptance: fp32 <= 1e-4; bf16 <= 2x plain torch in bf16 and <= 2e-2."""
+    """Acceptance (docs/semantics.md): fp32 <= 1e-4; bf16 <= 2x plain torch in bf16 and <= 2e-2."""
     err = rel_err(out, ref64)
     if dtype == torch.float32:
         assert err <= 1e-4, f"{what}: rel err {err:.3g}"

@@ -8,8 +8,15 @@ import torch
 
 from d2sd.assets import tiny_target_path
 from d2sd.corpus import KINDS, final_answer, make_problems
-from d2sd.data import (ResumableSampler, builtin_prompts, builtin_records, collate, load_chat_jsonl,
-                       tokenize_chat, write_chat_jsonl)
+from d2sd.data import (
+    ResumableSampler,
+    builtin_prompts,
+    builtin_records,
+    collate,
+    load_chat_jsonl,
+    tokenize_chat,
+    write_chat_jsonl,
+)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from d2sd.assets import tiny_target_path
-from d2sd.data import load_chat_data, load_chat_jsonl, main as data_main, tokenize_chat, tokenize_chat_dataset
+from d2sd.data import load_chat_data, load_chat_jsonl, tokenize_chat, tokenize_chat_dataset
+from d2sd.data import main as data_main
 from d2sd.regenerate import TargetGenerator, regenerate_records, split_thinking
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """Data parallelism: 2 gloo processes give the loss and gradients of one process on the same global batch.
 
-The loss is normalized by the global Σw (SPEC): each rank backpropagates loss_num * world_size,
+The loss is normalized by the global Σw (docs/semantics.md): each rank backpropagates loss_num * world_size,
 DDP / FSDP average, and the trainer divides by the all-reduced den.
 """
 import json

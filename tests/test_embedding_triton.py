@@ -5,7 +5,6 @@ CPU runs the kernels in the Triton interpreter (set before triton is imported); 
 """
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from d2kernels import noise_embedding

@@ -1,4 +1,4 @@
-"""d2kernels.layout against hand-built cases for every SPEC rule."""
+"""d2kernels.layout against hand-built cases for every rule of docs/semantics.md."""
 import math
 
 import pytest
@@ -145,7 +145,7 @@ def test_layout_validation_errors():
 
 
 def test_layout_vectorized_matches_loops():
-    """The vectorized rules against a direct per-slot loop of the SPEC text."""
+    """The vectorized rules against a direct per-slot loop of docs/semantics.md's text."""
     g = torch.Generator().manual_seed(5)
     Bt, S, N, B = 3, 23, 6, 5
     ids = torch.randint(0, 50, (Bt, S), generator=g)

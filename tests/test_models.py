@@ -1,4 +1,4 @@
-"""Drafter models (d2sd.models) against a dense float64 reference written here from the SPEC rule.
+"""Drafter models (d2sd.models) against a dense float64 reference written here from the rules of docs/semantics.md.
 
 The reference builds its own token ids, labels, weights and [slots, ctx+slots] mask with Python
 loops, materializes the logits and runs plain-torch attention, so it shares no code with
@@ -17,6 +17,7 @@ except ImportError:
     Gemma4TextConfig = None
 
 import d2kernels
+from benchmarks.reference_step import ReferenceOps, reference_loss
 from d2kernels import layout
 from d2sd.config import PRESETS, DrafterConfig, default_target_layer_ids, get_preset
 from d2sd.models import build_drafter, load_drafter
@@ -56,7 +57,7 @@ def make_drafter(family, mode, B=4, N=5, layers=2, backend="torch", dtype=torch.
     d = build_drafter(TARGETS[family](V=V), num_draft_layers=layers, block_size=B, num_anchors=N,
                       loss_decay_gamma=2.5, backend=backend, **MODES[mode])
     with torch.no_grad():  # non-trivial norm weights so a wrong norm placement shows
-        for name, p in d.named_parameters():
+        for p in d.parameters():
             if p.dim() == 1:
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
     return d.to(dtype)
@@ -84,7 +85,7 @@ def make_batch(d, Bt=2, S=37, seed=SEED):
 # ----------------------------------------------------------------------------- dense float64 reference
 
 def ref_slots(ids, lm, anchors, keep, prefix, B, mask_id, mode):
-    """SPEC rule, loop by loop: slot tokens [Bt,N*B], labels / weights-offsets / eval [Bt,N,B]."""
+    """docs/semantics.md rules, loop by loop: slot tokens [Bt,N*B], labels / weights-offsets / eval [Bt,N,B]."""
     Bt, S = ids.shape
     N = anchors.shape[1]
     tok = torch.full((Bt, N * B), mask_id, dtype=torch.long)
@@ -164,7 +165,7 @@ def ref_hidden(P, cfg, tok, th, anchors, keep, B):
     mask = ref_mask(anchors, keep, S, B)
     pos_d = (anchors[..., None] + torch.arange(B)).reshape(Bt, NB)
     for i in range(cfg.num_draft_layers):
-        L = lambda n: P[f"layers.{i}.{n}"]  # noqa: E731
+        L = lambda n, i=i: P[f"layers.{i}.{n}"]
         hn = rms(x, L("input_layernorm.weight"), eps)
         outs = []
         for b in range(Bt):
@@ -510,7 +511,7 @@ def test_triton_backend_matches_torch():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("family", list(TARGETS))
 def test_gpu_bf16_triton_within_twice_torch_error(family):
-    """SPEC bf16 acceptance at model level: triton's error vs float64 within 2x torch-in-bf16's (+ slack)."""
+    """bf16 acceptance (docs/semantics.md) at model level: triton's error vs float64 within 2x torch-in-bf16's (+ slack)."""
     d = make_drafter(family, "d2", B=7, N=9, layers=2, dtype=torch.bfloat16)
     cpu_batch = make_batch(d, S=67)
     P, num, _, _, _ = ref_loss(d, "d2", *cpu_batch)
@@ -531,8 +532,6 @@ def test_gpu_bf16_triton_within_twice_torch_error(family):
 @pytest.mark.parametrize("mode", ["d2", "shifted"])
 def test_benchmark_reference_path_matches_drafter(mode):
     """The 'as users run it' path of the train-step benchmark computes the same loss and gradients."""
-    from d2sd.models.reference import ReferenceOps, reference_loss
-
     d = make_drafter("qwen3", mode)
     ids, th, lm, anchors, keep, prefix = make_batch(d)
     ref, ref_g = loss_and_grads(d, (ids, th, lm, anchors, keep, prefix))

@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 import d2kernels as dk
-from d2kernels.modules import DecayedCrossEntropy, NoiseEmbedding, VarPrefixAttention, VarPrefixMask, hf_attention_forward
+from d2kernels.modules import (
+    DecayedCrossEntropy,
+    NoiseEmbedding,
+    VarPrefixAttention,
+    VarPrefixMask,
+    hf_attention_forward,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Bt, S, N, B, Hq, Hkv, D, H, V = 2, 23, 4, 3, 4, 2, 8, 16, 31

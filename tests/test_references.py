@@ -9,7 +9,7 @@ from tests.utils import rel_err
 
 
 def loop_attention(q, k_ctx, v_ctx, k_draft, v_draft, anchors, keep, B, scale):
-    """Per block, per head: softmax over [ctx keys < anchor ; own block] (SPEC rule, no mask tensor)."""
+    """Per block, per head: softmax over [ctx keys < anchor ; own block] (docs/semantics.md mask rule, no mask tensor)."""
     Bt, NB, Hq, D = q.shape
     G = Hq // k_ctx.shape[2]
     rows = []
@@ -133,7 +133,7 @@ def test_cross_entropy_reference(gamma, softcap):
             exp_num = exp_num + w * (torch.logsumexp(z, 0) - z[labels[i, j]])
             exp_den += w
             assert bool(correct[i, j]) == (int(z.argmax()) == int(labels[i, j]))
-    assert abs(float(den) - exp_den) < 1e-6 * max(exp_den, 1.0)  # weights are float32 by SPEC
+    assert abs(float(den) - exp_den) < 1e-6 * max(exp_den, 1.0)  # weights are float32 (docs/semantics.md)
     assert rel_err(num, exp_num) < 1e-6
     gh, gw = torch.autograd.grad(exp_num, (h, W))
     num.backward()

@@ -7,8 +7,15 @@ import torch
 
 from d2sd.assets import tiny_target_path
 from d2sd.corpus import final_answer, make_problems
-from d2sd.target import (LayerCapture, default_layer_ids, generate, load_target, num_target_layers,
-                         target_hidden_states, validate_layer_ids)
+from d2sd.target import (
+    LayerCapture,
+    default_layer_ids,
+    generate,
+    load_target,
+    num_target_layers,
+    target_hidden_states,
+    validate_layer_ids,
+)
 from tests.utils import rel_err
 
 
@@ -67,7 +74,7 @@ def test_hidden_states_match_hf(target, layer_ids):
 
 
 def test_last_layer_is_raw_layer_output(target):
-    """HF's hidden_states[-1] carries the final norm; layer id L-1 is the raw layer output (SPEC/DeepSpec)."""
+    """HF's hidden_states[-1] carries the final norm; layer id L-1 is the raw layer output (docs/semantics.md / DeepSpec)."""
     model, _ = target
     L = num_target_layers(model)
     ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))

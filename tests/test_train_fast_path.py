@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import d2kernels
+from benchmarks.reference_step import tiny_target_config
 from d2sd import checkpoint as ckpt
 from d2sd import train
 from d2sd.data import collate
 from d2sd.models import build_drafter, load_drafter
 from d2sd.models.checkpoint import TARGET_PARTS, drafter_json, read_weights
-from d2sd.models.reference import tiny_target_config
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -98,7 +98,7 @@ def test_forward_backward_one_host_transfer_and_clip():
     # Reference: unclipped gradient of the global weighted mean, scaled to the clip.
     ref = _drafter()
     num = den = 0
-    for i, (index, b) in enumerate(micros):
+    for index, b in micros:
         gen = torch.Generator().manual_seed(train.anchor_seed(3, 0, index))
         out = ref(b["input_ids"], b["target_hidden"], b["loss_mask"], generator=gen)
         out.loss_num.backward()

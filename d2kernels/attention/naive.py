@@ -1,6 +1,6 @@
 """Naive torch reference of ``varprefix_attention`` (also the ``backend="torch"`` path).
 
-Builds the dense ``[NB, S + NB]`` mask from the SPEC rule and runs masked softmax attention.
+Builds the dense ``[NB, S + NB]`` mask from the mask rule of docs/semantics.md and runs masked softmax attention.
 Obviously correct, differentiable through autograd, O(NB * (S + NB)) memory.
 """
 from __future__ import annotations

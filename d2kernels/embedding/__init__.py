@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_block_size, check_float_tensor, check_int_tensor, check_range, check_same_device, resolve_backend
+from .._checks import (
+    check_block_size,
+    check_float_tensor,
+    check_int_tensor,
+    check_range,
+    check_same_device,
+    resolve_backend,
+)
 from .._ops import eager_function, fast_impl, pick, with_backward_op
 from .naive import noise_embedding_naive
 

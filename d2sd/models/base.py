@@ -1,14 +1,12 @@
 """The drafter skeleton shared by every layer family (Qwen3, Gemma4).
 
-Layout (DeepSpec's DFlash drafter, SPEC "Drafter model"): frozen ``embed_tokens`` and ``lm_head``
+Layout (DeepSpec's DFlash drafter, docs/semantics.md "Drafter"): frozen ``embed_tokens`` and ``lm_head``
 copied from the target; ``fc: Linear(L*H -> H)`` and ``hidden_norm`` turn the target features into
 the context; ``layers`` attend from the draft slots to [context ; own block]; final ``norm``.
 A family subclass provides the RMSNorm class, the decoder layer and the rotary frequencies.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,13 +17,11 @@ import d2kernels
 from d2kernels import layout
 
 from ..config import DrafterConfig
+from .checkpoint import load_drafter, save_drafter
 
 __all__ = ["DraftAttention", "Drafter", "DrafterOutput", "apply_rope", "kernel_dtype", "rope_cos_sin"]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-# architectures of deepspec-format folders written by d2sd before it wrote DeepSpec's own config (still read)
-DEEPSPEC_ARCH = "D2SDDrafter"
+
 
 
 @dataclass
@@ -312,18 +308,14 @@ class Drafter(nn.Module):
         """Write ``config.json`` + ``model.safetensors``.
 
         ``format="deepspec"``: DeepSpec's ``Qwen3DSparkModel`` / ``Gemma4DSparkModel`` checkpoint (its
-        ``from_pretrained`` loads it), every weight under the SPEC names, our training rule alongside.
+        ``from_pretrained`` loads it), every weight under the state-dict names of docs/semantics.md, our training rule alongside.
         ``format="dflash"``: the z-lab/SpecForge ``DFlashDraftModel`` layout (no embed_tokens / lm_head).
         """
-        from .checkpoint import save_drafter
-
         save_drafter(self, save_directory, format=format)
 
     @classmethod
     def from_pretrained(cls, path: str, target: Optional[nn.Module] = None, **kwargs) -> "Drafter":
         """Load a drafter folder written by ``save_pretrained`` (either format); see ``load_drafter``."""
-        from .checkpoint import load_drafter
-
         return load_drafter(path, target=target, **kwargs)
 
     def extra_repr(self) -> str:
@@ -373,15 +365,3 @@ class DraftAttention(nn.Module):
             block_size=block_size, scale=self.scale, backend=self.backend, layout=layout,
         )  # [Bt, NB, Hq, D]
         return self.o_proj(o.reshape(Bt, NB, self.num_heads * self.head_dim))
-
-
-def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(obj: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")

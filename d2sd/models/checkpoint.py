@@ -6,7 +6,7 @@ is the target's text config with ``architectures: ["Qwen3DSparkModel"]`` (or Gem
 ``target_layer_ids``, ``num_anchors``, ``enable_confidence_head: false``, ``markov_rank: 0``,
 ``tie_word_embeddings: false``, ``layer_types``; our training rule rides along where DeepSpec's
 loader ignores it (``enable_d2_feature``, ``d2_prefix_weight_base`` at the top, the rest under
-``d2sd``). ``model.safetensors`` holds every weight under the SPEC names, embed_tokens and lm_head
+``d2sd``). ``model.safetensors`` holds every weight under the state-dict names of docs/semantics.md, embed_tokens and lm_head
 included (Gemma4 adds DeepSpec's ``layers.{i}.layer_scalar`` buffers, all 1). Folders written by
 older d2sd versions (``architectures: ["D2SDDrafter"]``, flat DrafterConfig fields) still load.
 
@@ -18,15 +18,26 @@ position, so only same-position drafters (D2 / VP drafters, or ``dflash_labels='
 """
 from __future__ import annotations
 
+import json
 import os
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import DrafterConfig
-from .base import CONFIG_NAME, DEEPSPEC_ARCH, WEIGHTS_NAME, Drafter, read_json, write_json
+from ..target import resolve_model
+from .families import drafter_class, drafter_config_from_target, qwen3_config_of, text_config
+
+if TYPE_CHECKING:
+    from .base import Drafter
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# architectures of deepspec-format folders written by d2sd before it wrote DeepSpec's own config (still read)
+DEEPSPEC_ARCH = "D2SDDrafter"
 
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
@@ -88,8 +99,6 @@ def drafter_json(cfg: DrafterConfig, dtype: torch.dtype, format: str = "deepspec
     if format == "deepspec":
         return deepspec_config_of(cfg, dtype)
     check_dflash_exportable(cfg)
-    from .qwen3 import qwen3_config_of
-
     config = qwen3_config_of(cfg).to_dict()
     config.update(
         architectures=[DFLASH_ARCH],
@@ -107,8 +116,6 @@ def drafter_json(cfg: DrafterConfig, dtype: torch.dtype, format: str = "deepspec
 
 
 def save_drafter(drafter: Drafter, save_directory: str, format: str = "deepspec") -> None:
-    from safetensors.torch import save_file
-
     config = drafter_json(drafter.config, drafter.fc.weight.dtype, format)
     sd = _state_dict_cpu(drafter)
     if format == "deepspec" and drafter.config.model_type == "gemma4":
@@ -160,8 +167,6 @@ def weight_files(path: str) -> list[str]:
 
 def read_weights(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of a drafter folder (single file or sharded), on the CPU."""
-    from safetensors.torch import load_file
-
     sd: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
         try:
@@ -181,8 +186,6 @@ def deepspec_config_of(cfg: DrafterConfig, dtype: torch.dtype = torch.float32) -
     """The ``config.json`` DeepSpec's ``Qwen3DSparkModel`` / ``Gemma4DSparkModel`` would write for ``cfg``."""
     n = cfg.num_draft_layers
     if cfg.model_type == "qwen3":
-        from .qwen3 import qwen3_config_of
-
         config = qwen3_config_of(cfg).to_dict()
     else:
         # Gemma4's text config; the draft layers have the target's global-layer geometry.
@@ -243,8 +246,6 @@ def _gemma4_geometry(config: dict) -> tuple[int, int]:
 
 def _config_from_deepspec(config: dict) -> DrafterConfig:
     """DrafterConfig of a DeepSpec DSpark ``config.json`` (``num_hidden_layers`` = the draft layers)."""
-    from . import drafter_config_from_target
-
     if DEEPSPEC_ARCH in (config.get("architectures") or []) and "num_draft_layers" in config:
         return DrafterConfig.from_dict(config).validate()  # written by d2sd before it wrote DeepSpec's format
     need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "block_size", "target_layer_ids",
@@ -329,14 +330,8 @@ def _config_from_dflash(config: dict) -> DrafterConfig:
     return DrafterConfig(**fields).validate()
 
 
-def _target_text_config(target: Any) -> Any:
-    cfg = getattr(target, "config", target)
-    get_text = getattr(cfg, "get_text_config", None)
-    return get_text() if callable(get_text) else cfg
-
-
 def _check_against_target(cfg: DrafterConfig, target: Any, path: str) -> None:
-    tc = _target_text_config(target)
+    tc = text_config(target)
     problems = []
     if getattr(tc, "hidden_size", cfg.hidden_size) != cfg.hidden_size:
         problems.append(f"hidden_size {cfg.hidden_size} != target's {tc.hidden_size}")
@@ -366,10 +361,6 @@ def load_drafter(
     the dflash format, whose embed_tokens / lm_head are copied from it. ``dtype`` defaults to the
     saved weights' dtype; ``backend`` overrides the saved d2kernels backend.
     """
-    from . import drafter_class
-
-    from ..target import resolve_model
-
     path = resolve_model(path)  # a local folder or a Hub id (local Hub cache when offline)
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isdir(path):
@@ -425,3 +416,15 @@ def load_drafter(
     if device is not None:
         drafter = drafter.to(device)
     return drafter
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(obj: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")

@@ -9,15 +9,13 @@ dim, kv heads and (proportional, partial) RoPE.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-
 from ..config import DrafterConfig
 from .base import DraftAttention, Drafter
+from .families import gemma4_dims, register_family
 
 try:
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
@@ -37,48 +35,6 @@ except ImportError:  # transformers without Gemma4: the same norm, spelled out
 
 
 __all__ = ["Gemma4Drafter", "Gemma4DraftAttention", "Gemma4DraftLayer", "gemma4_dims"]
-
-
-def _full_attention_geometry(tc: Any) -> tuple[int, int]:
-    """``(head_dim, num_key_value_heads)`` of the target's full-attention layers."""
-    types = list(getattr(tc, "layer_types", None) or [])
-    full = [i for i, t in enumerate(types) if t == "full_attention"]
-    per_layer = getattr(tc, "per_layer_config", None)
-    if full and per_layer is not None:
-        # Newer transformers: per-layer overrides (flat head_dim is ambiguous there and raises).
-        lc = per_layer[full[0]]
-        return int(lc.head_dim), int(lc.num_key_value_heads)
-    head_dim, kv = tc.head_dim, tc.num_key_value_heads
-    # Older transformers keep the global-layer geometry in flat fields.
-    if getattr(tc, "global_head_dim", None):
-        head_dim = tc.global_head_dim
-        if getattr(tc, "attention_k_eq_v", False) and getattr(tc, "num_global_key_value_heads", None):
-            kv = tc.num_global_key_value_heads
-    return int(head_dim), int(kv)
-
-
-def gemma4_dims(tc: Any) -> dict:
-    """DrafterConfig dims of a drafter for the Gemma4 text config ``tc``."""
-    head_dim, kv = _full_attention_geometry(tc)
-    rope = getattr(tc, "rope_parameters", None) or {}
-    if isinstance(rope, dict) and "full_attention" in rope:
-        rope = rope["full_attention"]
-    rope = dict(rope or {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0})
-    return dict(
-        hidden_size=tc.hidden_size,
-        intermediate_size=tc.intermediate_size,
-        num_attention_heads=tc.num_attention_heads,
-        num_key_value_heads=kv,
-        head_dim=head_dim,
-        hidden_act=getattr(tc, "hidden_activation", None) or getattr(tc, "hidden_act", "gelu_pytorch_tanh"),
-        rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-6),
-        rope_parameters=rope,
-        max_position_embeddings=getattr(tc, "max_position_embeddings", 131072),
-        attention_bias=bool(getattr(tc, "attention_bias", False)),
-        attn_scale=1.0,
-        embed_scale=float(tc.hidden_size) ** 0.5,
-        final_logit_softcapping=getattr(tc, "final_logit_softcapping", None),
-    )
 
 
 def gemma4_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
@@ -150,3 +106,5 @@ class Gemma4Drafter(Drafter):
     def rope_frequencies(self) -> tuple[torch.Tensor, float]:
         return gemma4_inv_freq(self.config.head_dim, self.config.rope_parameters), 1.0
 
+
+register_family("gemma4", Gemma4Drafter)

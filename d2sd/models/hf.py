@@ -23,6 +23,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from ..config import DrafterConfig
 from .base import Drafter
+from .checkpoint import load_drafter
+from .families import drafter_class
 
 __all__ = ["D2SDDrafterConfig", "D2SDDrafterModel"]
 
@@ -52,8 +54,6 @@ class D2SDDrafterModel(PreTrainedModel):
     def __init__(self, config: D2SDDrafterConfig, drafter: Optional[Drafter] = None):
         super().__init__(config)
         if drafter is None:
-            from . import drafter_class
-
             cfg = config.drafter_config
             drafter = drafter_class(cfg.model_type)(cfg)
         # Not a child module: its children are ours, so the state dict has no "drafter." prefix.
@@ -100,8 +100,6 @@ class D2SDDrafterModel(PreTrainedModel):
                         **kwargs) -> "D2SDDrafterModel":
         """Load a drafter folder or Hub id (``org/name``; ``revision``), either format: see ``load_drafter``
         (``target`` is needed for a dflash folder). ``torch_dtype`` is accepted for ``dtype``."""
-        from .checkpoint import load_drafter
-
         dtype = dtype if dtype is not None else kwargs.pop("torch_dtype", None)
         path = f"{pretrained_model_name_or_path}@{revision}" if revision else pretrained_model_name_or_path
         return cls.from_drafter(load_drafter(path, target=target, device=device, dtype=dtype, backend=backend))

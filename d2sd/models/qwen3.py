@@ -6,30 +6,11 @@ from torch import nn
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-
 from ..config import DrafterConfig
 from .base import DraftAttention, Drafter
+from .families import qwen3_config_of, register_family
 
 __all__ = ["Qwen3Drafter", "Qwen3DraftAttention", "Qwen3DraftLayer", "qwen3_config_of"]
-
-
-def qwen3_config_of(cfg: DrafterConfig) -> Qwen3Config:
-    """The transformers ``Qwen3Config`` of the draft layers (also the dflash export's config.json body)."""
-    return Qwen3Config(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_draft_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        hidden_act=cfg.hidden_act,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters=dict(cfg.rope_parameters),
-        attention_bias=cfg.attention_bias,
-        tie_word_embeddings=False,
-    )
 
 
 class Qwen3DraftAttention(DraftAttention):
@@ -72,3 +53,6 @@ class Qwen3Drafter(Drafter):
         # the module tree so .to(bfloat16) never rounds them.
         rope = Qwen3RotaryEmbedding(self._hf_config)
         return rope.inv_freq.detach().float().clone(), float(rope.attention_scaling)
+
+
+register_family("qwen3", Qwen3Drafter)

@@ -9,7 +9,9 @@ Same model and weights as ``Qwen3Drafter``; only the three places d2kernels repl
 On CPU, flex_attention has no backward: ``attn_impl="dense"`` runs SDPA with the dense mask made
 by the same ``mask_mod`` (for correctness runs at tiny sizes).
 
-Also the harness shared by ``benchmarks/test_train_step.py`` and ``scripts/gpu_train_step.py``.
+Also the harness shared by ``benchmarks/test_train_step.py`` and ``scripts/gpu_train_step.py``, and the
+small target configs the tests build drafters from. Not part of the installed package: import it as
+``benchmarks.reference_step`` from the repository root (pytest's ``pythonpath`` puts it there).
 """
 from __future__ import annotations
 
@@ -21,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from d2kernels import layout
-
-from .base import Drafter, apply_rope, rope_cos_sin
+from d2sd.models.base import Drafter, apply_rope, rope_cos_sin
 
 __all__ = [
     "varprefix_mask_mod",
@@ -39,7 +40,7 @@ __all__ = [
 
 
 def varprefix_mask_mod(anchors: torch.Tensor, keep: torch.Tensor, S: int, block_size: int):
-    """flex ``mask_mod`` of the SPEC rule over keys ``[ctx 0..S-1 ; draft slots]``."""
+    """flex ``mask_mod`` of the attention mask rule (docs/semantics.md) over keys ``[ctx 0..S-1 ; draft slots]``."""
     B = block_size
 
     def mask_mod(b, h, q_idx, kv_idx):
