@@ -217,14 +217,6 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:12]
 
 
-def _latest_drafter_dir(run_dir: Path) -> Path:
-    found = sorted(run_dir.rglob("config.json"), key=lambda p: p.stat().st_mtime)
-    found = [p.parent for p in found if (p.parent / "model.safetensors").is_file()]
-    if not found:
-        raise RuntimeError(f"training wrote no drafter (config.json + model.safetensors) under {run_dir}")
-    return found[-1]
-
-
 def _training_corpus(args, target_path: str, target, tokenizer) -> Optional[Path]:
     """Chat JSONL of the target's answers to ``--train-prompts`` built-in prompts (made once, cached)."""
     if args.train_prompts <= 0:
@@ -268,19 +260,23 @@ def embedded_drafters(args, target_path: str, target, tokenizer) -> tuple[str, s
         out = root / "run"
         if out.exists():  # a stale or interrupted run: start clean rather than resume it
             shutil.rmtree(out)
-        argv = ["--target", target_path, "--out", str(out), "--max-steps", str(args.train_steps),
-                "--block-size", str(args.block_size), "--seed", str(args.seed),
-                "--save-every", str(args.train_steps), "--d2" if d2 else "--no-d2"]
+        options = dict(target=target_path, out=str(out), max_steps=args.train_steps, block_size=args.block_size,
+                       seed=args.seed, save_every=args.train_steps, enable_d2_feature=d2)
         if not d2:
-            argv += ["--dflash-labels", args.dflash_labels]
+            options["dflash_labels"] = args.dflash_labels
         if corpus is not None:
-            argv += ["--data", str(corpus)]
+            options["data"] = str(corpus)
         if args.device:
-            argv += ["--device", str(args.device)]
-        log(f"training the {name} drafter ({args.train_steps} steps): python -m d2sd.train {' '.join(argv)}")
-        if train.main(argv) != 0:
-            raise UsageError(f"training the embedded {name} drafter failed (see the messages above)")
-        paths[name] = str(_latest_drafter_dir(out))
+            options["device"] = str(args.device)
+        log(f"training the {name} drafter ({args.train_steps} steps): d2sd.train.train(" +
+            ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")")
+        try:
+            result = train.train(**options)
+        except (UsageError, train.TrainingStopped, FileNotFoundError) as e:
+            raise UsageError(f"training the embedded {name} drafter failed: {e}") from None
+        if result.checkpoint is None:
+            raise UsageError(f"training the embedded {name} drafter wrote no checkpoint under {out}")
+        paths[name] = str(result.checkpoint / "drafter")
         done.write_text(paths[name] + "\n")
     return paths["dflash"], paths["vp"]
 

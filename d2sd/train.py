@@ -55,7 +55,10 @@ from .runconfig import DRAFTER_KNOBS, dump_config, read_config
 from .target import load_target, resolve_model, target_hidden_states
 from .trackers import check_report_to, open_trackers, parse_report_to
 
-__all__ = ["main", "build_parser", "resolve_run", "Batcher", "forward_backward", "make_scheduler"]
+__all__ = [
+    "main", "train", "run_training", "TrainResult", "TrainingStopped", "build_parser", "resolve_run",
+    "resolve_options", "Batcher", "forward_backward", "make_scheduler",
+]
 
 # Run options replayed on --resume (everything but where to resume from and the one-shot actions).
 NOT_REPLAYED = {"resume", "config", "print_config"}
@@ -181,7 +184,23 @@ class Run:
 def resolve_run(argv: Optional[list[str]] = None) -> Run:
     """Layer TrainConfig defaults < preset < --config file < resumed run's options < command line."""
     parser = build_parser()
-    given = vars(parser.parse_args(argv))
+    return _resolve(vars(parser.parse_args(argv)), parser)
+
+
+def resolve_options(options: dict[str, Any]) -> Run:
+    """``resolve_run`` for keyword options (the options' ``dest`` names, e.g. ``max_steps=``,
+    ``enable_d2_feature=`` for ``--d2``), as ``train()`` takes them."""
+    parser = build_parser()
+    known = {a.dest for a in parser._actions if a.dest != "help"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UsageError(f"unknown training option(s) {unknown}; see python -m d2sd.train --help (use the "
+                         "options' names with underscores, e.g. max_steps=)")
+    return _resolve(dict(options), parser)
+
+
+def _resolve(cli: dict[str, Any], parser: argparse.ArgumentParser) -> Run:
+    given = dict(cli)
     if "config" in given:
         try:
             given = {**read_config(given["config"], parser, NOT_REPLAYED), **given}
@@ -196,8 +215,7 @@ def resolve_run(argv: Optional[list[str]] = None) -> Run:
         state = ckpt.load_trainer_state(resume_from)
         if not isinstance(state.get("run_opts"), dict):
             raise ckpt.CorruptCheckpoint(f"{resume_from}: its trainer state holds no run options")
-        cli = vars(parser.parse_args(argv))  # the command line alone wins over the resumed options
-        opts = {**given, **state["run_opts"], **cli}
+        opts = {**given, **state["run_opts"], **cli}  # the command line alone wins over the resumed options
         opts = {k: v for k, v in opts.items() if k not in NOT_REPLAYED}
         if "out" not in given:
             opts["out"] = str(resume_from.parent.parent)
@@ -1193,51 +1211,90 @@ def report(run: Run, result: dict) -> None:
         log(f"checkpoint: {result['checkpoint']}  (drafter: load_drafter('{result['checkpoint']}/drafter'))")
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped early for a reason given in the message (a non-finite step, a failed save)."""
+
+
+@dataclass
+class TrainResult:
+    """What ``train()`` returns: where the run went and how it ended."""
+
+    run_dir: Path
+    checkpoint: Optional[Path]  # the last checkpoint written (``load_drafter(checkpoint / "drafter")``)
+    steps: int
+    metrics: list[dict]  # the logged rows (metrics.jsonl)
+    stopped: bool  # a SIGTERM / SIGINT ended it early, after a checkpoint
+
+
+def train(**options) -> TrainResult:
+    """``python -m d2sd.train`` as a function: one keyword per option (its ``dest`` name).
+
+        from d2sd.train import train
+        r = train(target="/models/Qwen3-8B", data="chats.jsonl", preset="qwen3-8b", max_steps=2000)
+        drafter = load_drafter(str(r.checkpoint / "drafter"))
+
+    Raises ``UsageError`` on bad input (what the command reports with exit status 2) and
+    ``TrainingStopped`` when training stops early (exit status 3).
+    """
+    return run_training(resolve_options(options))
+
+
+def run_training(run: Run) -> TrainResult:
+    """Set up (process group, target, data, drafter, optimizer, resume) and train ``run``."""
+    info = ddist.setup(run.device)
+    random.seed(run.train.seed)
+    np.random.seed(run.train.seed)
+    # With an offline cache the target only lends its embeddings / lm_head: keep it on the CPU.
+    target, tokenizer = load_target_model(run, torch.device("cpu") if run.cache else info.device)
+    check_target_matches(run, target)
+    fill_mask_token(run, tokenizer)
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    examples = load_examples(run, target, tokenizer)
+    drafter, model = build_model(run, target, info)
+    features = online_features(None if run.cache else target, list(drafter.config.target_layer_ids))
+    if run.cache:
+        del target
+    optimizer = make_optimizer(model, run.train)
+    scheduler = make_scheduler(optimizer, run.train)
+    lengths = examples.lengths() if hasattr(examples, "lengths") else [len(e["input_ids"]) for e in examples]
+    batcher = Batcher(len(examples), run.train.global_batch_size, run.train.micro_batch_size,
+                      info.world_size, info.rank, run.train.seed, lengths=lengths)
+    start = 0
+    gen = torch.Generator()  # anchor / prefix draws; reseeded per micro-batch by anchor_seed
+    if run.resume_state is not None:
+        start = restore(run, model, optimizer, scheduler, batcher, gen)
+        log(f"resumed from {run.resume_from} at step {start}")
+    if info.is_main:
+        log(f"run dir {run.out}: {len(examples)} records, preset {run.preset}, "
+            f"{sum(p.numel() for p in drafter.parameters() if p.requires_grad):,} trainable parameters, "
+            f"{batcher.accum_steps} micro-batches/step/rank, device {info.device}, world {info.world_size}")
+    result = train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, features, info, start,
+                        gen, pad_id)
+    # Leave the process group together (also when stopping); a bad-input error before the loop
+    # exits every rank the same way without it.
+    ddist.teardown()
+    if result["failure"] is not None:
+        raise TrainingStopped(result["failure"])
+    if info.is_main:
+        report(run, result)
+    return TrainResult(run_dir=run.out, checkpoint=result["checkpoint"], steps=result["step"],
+                       metrics=result["metrics"].rows, stopped=result["stopped"])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         run = resolve_run(argv)
         if run.print_config:
             print(dump_config(run), end="")
             return 0
-        info = ddist.setup(run.device)
-        random.seed(run.train.seed)
-        np.random.seed(run.train.seed)
-        # With an offline cache the target only lends its embeddings / lm_head: keep it on the CPU.
-        target, tokenizer = load_target_model(run, torch.device("cpu") if run.cache else info.device)
-        check_target_matches(run, target)
-        fill_mask_token(run, tokenizer)
-        pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        examples = load_examples(run, target, tokenizer)
-        drafter, model = build_model(run, target, info)
-        features = online_features(None if run.cache else target, list(drafter.config.target_layer_ids))
-        if run.cache:
-            del target
-        optimizer = make_optimizer(model, run.train)
-        scheduler = make_scheduler(optimizer, run.train)
-        lengths = examples.lengths() if hasattr(examples, "lengths") else [len(e["input_ids"]) for e in examples]
-        batcher = Batcher(len(examples), run.train.global_batch_size, run.train.micro_batch_size,
-                          info.world_size, info.rank, run.train.seed, lengths=lengths)
-        start = 0
-        gen = torch.Generator()  # anchor / prefix draws; reseeded per micro-batch by anchor_seed
-        if run.resume_state is not None:
-            start = restore(run, model, optimizer, scheduler, batcher, gen)
-            log(f"resumed from {run.resume_from} at step {start}")
+        run_training(run)
     except (UsageError, ckpt.CorruptCheckpoint, FileNotFoundError) as e:
         print(f"python -m d2sd.train: error: {e}", file=sys.stderr, flush=True)
         return 2
-    if info.is_main:
-        log(f"run dir {run.out}: {len(examples)} records, preset {run.preset}, "
-            f"{sum(p.numel() for p in drafter.parameters() if p.requires_grad):,} trainable parameters, "
-            f"{batcher.accum_steps} micro-batches/step/rank, device {info.device}, world {info.world_size}")
-    result = train_loop(run, model, drafter, optimizer, scheduler, batcher, examples, features, info, start, gen, pad_id)
-    if result["failure"] is not None:
-        if info.is_main:
-            print(f"python -m d2sd.train: error: {result['failure']}", file=sys.stderr, flush=True)
-        ddist.teardown()
+    except TrainingStopped as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"python -m d2sd.train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_STOPPED
-    if info.is_main:
-        report(run, result)
-    ddist.teardown()
     return 0
 
 

@@ -313,3 +313,16 @@ def test_trainer_state_tensors_live_in_safetensors(tmp_path):
     assert torch.equal(back["rng"]["torch"], state["rng"]["torch"])
     assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
     assert back["rng"]["numpy"][0] == "MT19937" and torch.equal(back["rng"]["numpy"][1], torch.arange(3))
+
+
+def test_train_function_api(tmp_path):
+    """``d2sd.train.train(**options)``: the command as a function, a result instead of an exit status."""
+    r = train.train(out=str(tmp_path / "run"), max_steps=3, save_every=3, log_every=1, max_new_tokens=8,
+                    num_anchors=8, max_length=64, device="cpu")
+    assert r.steps == 3 and not r.stopped and len(r.metrics) == 3
+    assert r.checkpoint == tmp_path / "run" / "checkpoints" / "step_00000003"
+    assert load_drafter(str(r.checkpoint / "drafter")).config.block_size == 4
+    with pytest.raises(train.UsageError, match="unknown training option"):
+        train.train(out=str(tmp_path / "x"), max_stepz=3)
+    with pytest.raises(train.UsageError, match="already holds checkpoints"):
+        train.train(out=str(tmp_path / "run"), max_steps=3)
