@@ -526,14 +526,6 @@ def _cache_samples(run: Run, target) -> _CacheSamples:
 # ============================================================================ batches
 
 
-@dataclass
-class Micro:
-    """One micro-batch: its global index inside the step (seeds its anchors) and its records."""
-
-    index: int
-    records: list[dict]
-
-
 class Batcher:
     """Deterministic, resumable order over records: a fresh permutation per epoch (seed + epoch).
 
