@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from .models.checkpoint import CONFIG_NAME, WEIGHTS_INDEX_NAME, readable_by_all, shard_name, write_json
 
@@ -327,8 +328,6 @@ def load_trainer_state(path: Path, map_location: str | torch.device = "cpu") -> 
     try:
         state = torch.load(Path(path) / TRAINER_STATE, map_location=map_location, weights_only=True)
         if (Path(path) / TRAINER_TENSORS).is_file():
-            from safetensors.torch import load_file
-
             state = join_tensors(state, load_file(str(Path(path) / TRAINER_TENSORS), device=str(map_location)))
     except (OSError, RuntimeError, ValueError, EOFError, KeyError) as e:
         raise CorruptCheckpoint(f"{path}: cannot read {TRAINER_STATE}: {e}") from None

@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import d2kernels
 
@@ -675,8 +676,6 @@ def online_features(target, layer_ids: list[int]) -> Callable[[dict], torch.Tens
     2 ms of host time per attention call (72 ms per 3.5k-token forward of a 36-layer target, with
     the GPU idle), where the flash backend costs microseconds.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
     def features(batch: dict) -> torch.Tensor:
